@@ -1,0 +1,35 @@
+# `make demo` and `make test` work on a fresh machine: both depend on `install`, which builds .venv once.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+# torch==2.13.0 is pinned in the same pip command as everything that depends on it, so pip never
+# resolves a CUDA build (see shared/env_notes.md).
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m preprocess --config configs/arithmetic.json
+	$(PY) -m shards inspect data/arithmetic --decode 3
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: install
+	$(PY) bench/preprocess.py
+
+clean:
+	rm -rf $(VENV) data runs .pytest_cache

@@ -1,0 +1,82 @@
+"""Local paths and fsspec URLs behind one small interface.
+
+Writers must never leave a file that looks complete but is not: a local file is written under a temporary
+name and renamed into place; an object store PUT is already all-or-nothing, so it is written directly.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StorageError(RuntimeError):
+    """A read or write failed; the message names the path."""
+
+
+def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the filesystem for `url` and the path inside it (no protocol)."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path.rstrip("/") or path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either nothing or the whole file."""
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # network and permission errors get the path attached
+        raise StorageError(f"cannot read {path}: {e}") from e
+
+
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    return fs.exists(path)
+
+
+def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def upload_dir(fs: fsspec.AbstractFileSystem, local_dir: str, path: str) -> None:
+    """Copy every file of a local folder to `path`, each file atomically."""
+    for name in sorted(os.listdir(local_dir)):
+        src = os.path.join(local_dir, name)
+        if os.path.isfile(src):
+            with open(src, "rb") as f:
+                write_atomic(fs, join(path, name), f.read())
+
+
+def display_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URL for messages, never with credentials (fsspec paths carry none)."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
