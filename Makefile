@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+WHISPER := .cache/openai_whisper-20250625.tar.gz
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -16,6 +17,9 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@# GPT-2's BPE ranks ship in openai-whisper's source package: the tests rebuild a real GPT-2 tokenizer from it.
+	test -f $(WHISPER) || $(PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+		openai-whisper==20250625 -d .cache
 	touch $(STAMP)
 
 demo: install
