@@ -16,6 +16,7 @@ from shards import storage
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("arrow", "webdataset")
+LAYOUTS = ("packed", "padded")
 SHARD_SUFFIX = {"arrow": ".arrow", "webdataset": ".tar"}
 
 
@@ -64,6 +65,10 @@ class Manifest:
     pad_id: int
     eos_id: int
     separator_ids: list[int]
+    # "packed": windows cut from one concatenated token stream, no padding anywhere.
+    # "padded": the cmp part is left-padded and the seq part right-padded with pad_id (pairs, --no_pack);
+    # in the seq part everything after the first eos is padding (pad_id may equal eos_id, as for GPT-2).
+    layout: str
     columns: dict[str, str]  # extra per-sample columns besides input_ids, e.g. {"label": "int64"}
     tokenizer: dict[str, str]  # {"name": ..., "sha256": ..., "path": "tokenizer"}
     params: dict[str, Any]
@@ -93,6 +98,8 @@ class Manifest:
             m = cls(**{**d, "splits": splits})
         except (KeyError, TypeError) as e:
             raise ManifestError(f"{source}: malformed manifest ({e})") from e
+        if m.layout not in LAYOUTS:
+            raise ManifestError(f"{source}: unknown layout {m.layout!r}, expected one of {LAYOUTS}")
         if m.format not in FORMATS:
             raise ManifestError(f"{source}: unknown format {m.format!r}, expected one of {FORMATS}")
         return m

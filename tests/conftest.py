@@ -85,7 +85,7 @@ def write_dataset(
         splits[split] = info
     m = Manifest(
         name="synthetic", format=fmt, cmp_len=cmp_len, seq_len=seq_len, dtype=dtype, vocab_size=vocab_size,
-        pad_id=0, eos_id=1, separator_ids=[2], columns={"label": "int64"} if with_label else {},
+        pad_id=0, eos_id=1, separator_ids=[2], layout="packed", columns={"label": "int64"} if with_label else {},
         tokenizer={"name": "none", "sha256": "", "path": "tokenizer"}, params={}, splits=splits,
         package_version="test",
     )
