@@ -1,0 +1,166 @@
+"""Semantic blotching: hide whole reasoning steps of a training window, per sample, on the training device.
+
+A window is `cmp_len + seq_len` token ids. A *segment* is the run of tokens after a separator up to and
+including the next separator. Separators count from the last column of the compression part on, so the
+initial problem (the compression part and anything up to the first such separator, which it keeps) is never
+blotched, and neither is the final segment (after the last separator: the answer and eos). Blotched tokens
+are excised, not masked: each row is compacted to the left and the batch trimmed to its longest row, so the
+model spends no compute on hidden steps and every kept token's target is simply the next kept token.
+
+The pattern is drawn from a counter-based hash of (seed, epoch, sample_id, segment index), so a sample is
+blotched the same way whatever batch, rank or resume it comes in. Everything is integer tensor arithmetic:
+no Python loop over rows, segments or tokens, and one host sync (the trimmed length).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+M32 = 0xFFFFFFFF
+P_BITS = 16  # blotch_p is applied as an integer threshold out of 2**16, so the Python reference is exact
+_GOLDEN = 0x9E3779B9
+_STREAM_SEGMENT, _STREAM_COUNT = 0, 1
+
+
+def _mul32(x, c: int):
+    """x * c mod 2**32 for 32-bit x, split in 16-bit halves so no int64 product can overflow."""
+    return (((((x >> 16) * c) & M32) << 16) + (x & 0xFFFF) * c) & M32
+
+
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hash_u32(*keys):
+    """A 32-bit hash of non-negative integer keys (Python ints or int64 tensors, broadcast together).
+
+    Works the same on ints and tensors, which is what lets the tests' plain-Python reference match exactly.
+    """
+    h = _GOLDEN
+    for k in keys:
+        h = _fmix32(h ^ (k & M32))
+        h = _fmix32(h ^ ((k >> 32) & M32))
+    return h
+
+
+@dataclass(frozen=True)
+class BlotchSpec:
+    """What blotching needs to know about the data and the config; built once per run."""
+
+    cmp_len: int
+    pad_id: int
+    eos_id: int
+    layout: str  # "packed" | "padded", as in the manifest
+    separator_ids: tuple[int, ...]
+    blotch_p: float = 0.0
+    spacing: str = "random"  # "random" | "equal"
+    contig: bool = True
+    incl_intl_prob: bool = False
+    pad_pos_skip: bool = True
+    seed: int = 0
+
+    @property
+    def p_threshold(self) -> int:
+        return round(self.blotch_p * (1 << P_BITS))
+
+
+@dataclass
+class Blotched:
+    """A batch ready for the model: kept tokens compacted left, targets already aligned."""
+
+    input_ids: torch.Tensor  # (B, T) kept tokens, pad_id after each row's end
+    targets: torch.Tensor  # (B, T) the next kept token, IGNORE where there is none or it is excluded
+    position_ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T) bool, True on kept tokens
+    columns: torch.Tensor  # (B, T) the window column each kept token came from, -1 after the row's end
+    valid: torch.Tensor  # (B, L) bool, the window's non-padding tokens
+    blotched: torch.Tensor  # (B, L) bool, the window's excised tokens
+
+    @property
+    def n_blotched(self) -> torch.Tensor:
+        return self.blotched.sum(1)
+
+
+def valid_mask(ids: torch.Tensor, spec: BlotchSpec) -> torch.Tensor:
+    """True on real tokens. Padded layout: the cmp part's leading pad run; in the seq part everything after
+    the first eos, and (when pad differs from eos) a trailing pad run, e.g. a pair with no eos appended."""
+    if spec.layout == "packed":
+        return torch.ones_like(ids, dtype=torch.bool)
+    c = spec.cmp_len
+    cmp_pad = (ids[:, :c] == spec.pad_id).int().cumprod(1).bool()
+    seq = ids[:, c:]
+    is_eos = (seq == spec.eos_id).int()
+    seq_pad = (is_eos.cumsum(1) - is_eos) > 0
+    if spec.pad_id != spec.eos_id:
+        seq_pad |= (seq == spec.pad_id).int().flip(1).cumprod(1).flip(1).bool()
+    return ~torch.cat([cmp_pad, seq_pad], 1)
+
+
+def segment_index(ids: torch.Tensor, valid: torch.Tensor, spec: BlotchSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the number of eligible separators strictly before it (0 = initial problem); per row, the
+    number n of blotchable segments, which are 1..n (segment n+1 is the final one)."""
+    seps = torch.tensor(spec.separator_ids, dtype=ids.dtype, device=ids.device)
+    is_sep = torch.isin(ids, seps) & valid
+    is_sep[:, : max(spec.cmp_len - 1, 0)] = False
+    count = is_sep.long().cumsum(1)
+    return count - is_sep.long(), (count[:, -1] - 1).clamp(min=0)
+
+
+def choose_segments(n: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec, width: int) -> torch.Tensor:
+    """(B, width) bool: entry k says whether segment k is blotched (only 1 <= k <= n can be)."""
+    k = torch.arange(width, device=n.device).expand(len(n), width)
+    sid = sample_ids.to(device=n.device, dtype=torch.long)[:, None]
+    p = spec.p_threshold
+    if spec.spacing == "random":
+        u = hash_u32(spec.seed, epoch, sid, _STREAM_SEGMENT, k) >> (32 - P_BITS)
+        chosen = (u < p) & (k >= 1) & (k <= n[:, None])
+        if not spec.contig:  # in a run of candidates keep the 1st, 3rd, ...: "skip a segment after a blotch"
+            last_gap = torch.where(chosen, -1, k).cummax(1).values
+            chosen &= (k - last_gap - 1) % 2 == 0
+        return chosen
+    # equal spacing: m = stochastic round of p * n, centred at 1 + floor((2i + 1) n / 2m) for i < m
+    u = hash_u32(spec.seed, epoch, sid[:, 0], _STREAM_COUNT, 0) >> (32 - P_BITS)
+    m = (n * p + u) >> P_BITS
+    if not spec.contig:
+        m = torch.minimum(m, (n + 1) // 2)
+    pos = 1 + ((2 * k + 1) * n[:, None]) // (2 * m.clamp(min=1)[:, None])
+    pos = torch.where(k < m[:, None], pos, width)
+    chosen = torch.zeros(len(n), width + 1, dtype=torch.bool, device=n.device)
+    return chosen.scatter_(1, pos, True)[:, :width]
+
+
+def blotch(ids: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec, train: bool = True) -> Blotched:
+    """Excise padding (and, in training, blotched segments) from a (B, L) window batch; see the module doc."""
+    ids = ids.long()
+    B, L = ids.shape
+    valid = valid_mask(ids, spec)
+    if train and spec.blotch_p > 0:
+        seg, n = segment_index(ids, valid, spec)
+        chosen = choose_segments(n, sample_ids, epoch, spec, L + 1)
+        blotched = chosen.gather(1, seg) & valid
+    else:
+        blotched = torch.zeros_like(valid)
+    keep = valid & ~blotched
+    n_kept = keep.sum(1)
+    T = max(int(n_kept.max()), 1) if B else 1
+    dest = torch.where(keep, keep.long().cumsum(1) - 1, L)  # non-kept tokens all land in a dropped column
+    cols = torch.arange(L, device=ids.device).expand(B, L)
+    input_ids = ids.new_full((B, L + 1), spec.pad_id).scatter_(1, dest, ids)[:, :T]
+    columns = ids.new_full((B, L + 1), -1).scatter_(1, dest, cols)[:, :T]
+    mask = torch.arange(T, device=ids.device) < n_kept[:, None]
+    targets = torch.full_like(input_ids, IGNORE)
+    counted = mask[:, 1:]
+    if not spec.incl_intl_prob:
+        counted = counted & (columns[:, 1:] >= spec.cmp_len)
+    targets[:, :-1] = torch.where(counted, input_ids[:, 1:], IGNORE)
+    if spec.pad_pos_skip:
+        position_ids = torch.arange(T, device=ids.device).expand(B, T)
+    else:
+        position_ids = columns.clamp(min=0)
+    return Blotched(input_ids, targets, position_ids, mask, columns, valid, blotched)
