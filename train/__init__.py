@@ -1,0 +1,4 @@
+"""The trainer: config, blotching, model, loss and the loop, each a small module.
+
+Imports nothing from `preprocess`; reads data only through `shards`.
+"""

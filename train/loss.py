@@ -1,0 +1,34 @@
+"""The token loss: summed, not averaged, so callers can weight micro-batches and ranks by token counts.
+
+Returning sums and counts is what makes gradient accumulation and DDP exact: the step's loss is the sum of
+every micro-batch's token losses over the step's total target count, and the logged loss is a true per-token
+mean, never divided by n_grad_loops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from train.blotch import IGNORE
+
+
+@dataclass
+class TokenLoss:
+    objective: torch.Tensor  # summed training objective (label-smoothed when asked), differentiable
+    nll: torch.Tensor  # summed plain cross entropy, detached: what is logged, exp(mean) is perplexity
+    correct: torch.Tensor  # number of argmax hits, detached
+    count: torch.Tensor  # number of counted targets
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> TokenLoss:
+    """Cross entropy over targets != IGNORE, computed in float32 from one log-softmax."""
+    counted = targets != IGNORE
+    logp = F.log_softmax(logits[counted].float(), dim=-1)
+    t = targets[counted]
+    nll = -logp.gather(1, t[:, None]).squeeze(1)
+    objective = nll
+    if label_smoothing > 0:
+        objective = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    return TokenLoss(objective.sum(), nll.detach().sum(), (logp.argmax(-1) == t).sum(), counted.sum())

@@ -1,0 +1,118 @@
+"""The from-scratch model: a pre-LN causal transformer over blotched (excised) windows.
+
+Positions come in explicitly (`position_ids`) because blotching removes tokens: with `pad_pos_skip` a kept
+token's position is its rank among kept tokens, otherwise its original column. The attention mask is causal
+and hides padded keys, but always lets a query see itself, so a padded row never turns into NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.config import Config
+
+
+def sinusoid_table(n_pos: int, d: int) -> torch.Tensor:
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(n_pos, d)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : d // 2]
+    return table
+
+
+class PositionalEncoding(nn.Module):
+    """A sinusoidal table of `n_pos` rows, fixed (a buffer) or learnable (a Parameter).
+
+    `random_subset` (RandPositionalEncoding): in training each sequence reads a sorted random subset of the
+    table's rows instead of rows 0..S-1, so the model learns to cope with the gaps blotching creates; eval
+    reads plain positions, so validation is deterministic. The draw uses the global RNG, which the seed sets
+    and a resume restores.
+    """
+
+    def __init__(self, n_pos: int, d: int, drop_p: float, learnable: bool, random_subset: bool):
+        super().__init__()
+        table = sinusoid_table(n_pos, d)
+        if learnable:
+            self.table = nn.Parameter(table)
+        else:
+            self.register_buffer("table", table)
+        self.drop_p, self.random_subset = drop_p, random_subset
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        n_pos = self.table.shape[0]
+        need = int(position_ids.max()) + 1
+        if need > n_pos:
+            raise ValueError(f"position {need - 1} needs max_posencs > {n_pos} (config key 'max_posencs')")
+        if self.random_subset and self.training:
+            scores = torch.rand(position_ids.shape[0], n_pos, device=position_ids.device)
+            rows = scores.topk(need, dim=1).indices.sort(dim=1).values
+            position_ids = rows.gather(1, position_ids)
+        return F.dropout(self.table[position_ids], self.drop_p, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_heads: int, h_mult: int, drop_p: float):
+        super().__init__()
+        self.n_heads, self.drop_p = n_heads, drop_p
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, h_mult * d), nn.GELU(), nn.Linear(h_mult * d, d))
+        self.drop = nn.Dropout(drop_p)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.drop_p if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab_size: int, d_model: int, n_heads: int, h_mult: int, n_layers: int, drop_p: float,
+                 posenc: PositionalEncoding, tie_weights: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)  # N(0, 1): the same scale as the position table
+        self.posenc = posenc
+        self.drop = nn.Dropout(drop_p)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, h_mult, drop_p) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        for name, p in self.named_parameters():
+            if name.startswith("blocks") and p.dim() == 2:  # GPT-2 init; residual outputs shrink with depth
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.startswith("blocks") and name.endswith("bias"):
+                nn.init.zeros_(p)
+        nn.init.normal_(self.head.weight, std=0.02)
+        self.logit_scale = 1.0
+        if tie_weights:  # the N(0, 1) embedding as output weights needs 1/sqrt(d) to start near uniform
+            self.head.weight, self.logit_scale = self.embed.weight, d_model**-0.5
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """(B, T) ids, positions and key mask (True = a real token) -> (B, T, vocab) logits."""
+        B, T = input_ids.shape
+        idx = torch.arange(T, device=input_ids.device)
+        allowed = idx[None, :] <= idx[:, None]  # causal: query i sees keys j <= i
+        if mask is not None:
+            allowed = allowed & (mask[:, None, :] | torch.eye(T, dtype=torch.bool, device=mask.device))
+            allowed = allowed[:, None]  # (B, 1, T, T), broadcast over heads
+        x = self.drop(self.embed(input_ids) + self.posenc(position_ids))
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.head(self.ln_f(x)) * self.logit_scale
+
+
+def build_model(cfg: Config, vocab_size: int, window: int) -> Transformer:
+    """The model a config describes; `window` (cmp_len + seq_len) sizes the default position table."""
+    n_pos = cfg.max_posencs or 3 * window
+    posenc = PositionalEncoding(
+        n_pos, cfg.d_model, cfg.drop_p if cfg.posenc_drop_p is None else cfg.posenc_drop_p,
+        cfg.learnable_posencs, cfg.posenc_type == "RandPositionalEncoding",
+    )
+    return Transformer(vocab_size, cfg.d_model, cfg.n_heads, cfg.h_mult, cfg.n_layers, cfg.drop_p, posenc,
+                       cfg.tie_weights)
