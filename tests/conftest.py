@@ -55,11 +55,18 @@ def write_dataset(
     vocab_size: int = 1000,
     with_label: bool = False,
     storage_options: dict | None = None,
+    content: str = "ids",
 ) -> None:
-    """A dataset folder in the real format: sample i of a split has all tokens = i % vocab, shards of a fixed count.
+    """A dataset folder in the real format, shards of a fixed sample count.
 
-    Token values identify samples, so readers can check exactly-once delivery from the tokens themselves.
+    content "ids": sample i of a split has all tokens = i % vocab, so readers can check exactly-once delivery
+    from the tokens themselves. content "arithmetic": padded-layout arithmetic windows (tests/synthetic.py)
+    with a character tokenizer in `tokenizer/`, for the trainer.
     """
+    from tests import synthetic
+
+    if content == "arithmetic":
+        vocab_size = synthetic.VOCAB
     from shards import ShardWriter, SplitInfo, formats, save_manifest, storage
     from shards.manifest import Manifest, token_dtype
 
@@ -74,8 +81,12 @@ def write_dataset(
             shard_size=samples_per_shard * per_sample, on_commit=lambda s, _st, info=info: info.shards.append(s),
         )
         ids = np.arange(n)
+        if content == "arithmetic":
+            tokens = synthetic.arithmetic_rows(n, cmp_len, seq_len, seed=len(splits)).astype(dtype)
+        else:
+            tokens = np.repeat((ids % vocab_size)[:, None], window, axis=1)
         writer.add(
-            np.repeat((ids % vocab_size)[:, None], window, axis=1),
+            tokens,
             {"label": ids % 2} if with_label else {},
             np.zeros((n, 1), dtype=np.int64),
         )
@@ -83,9 +94,13 @@ def write_dataset(
         info.windows = info.documents = n
         info.tokens = n * window
         splits[split] = info
+    arith = content == "arithmetic"
+    if arith:
+        storage.upload_dir(fs, synthetic.save_tokenizer(), storage.join(root, "tokenizer"))
     m = Manifest(
         name="synthetic", format=fmt, cmp_len=cmp_len, seq_len=seq_len, dtype=dtype, vocab_size=vocab_size,
-        pad_id=0, eos_id=1, separator_ids=[2], layout="packed", columns={"label": "int64"} if with_label else {},
+        pad_id=0, eos_id=synthetic.EOS if arith else 1, separator_ids=[synthetic.SEP],
+        layout="padded" if arith else "packed", columns={"label": "int64"} if with_label else {},
         tokenizer={"name": "none", "sha256": "", "path": "tokenizer"}, params={}, splits=splits,
         package_version="test",
     )
