@@ -1,0 +1,75 @@
+"""Trainer benchmarks on CPU: blotching vs a training step, and vectorised blotching vs the Python reference.
+
+Run `python bench/train.py` (part of `make bench`). Targets (issue 4): blotching <= 5 % of a step.
+Timings on a shared 2-core machine vary by +-30 %: each figure is the median of several repeats.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.synthetic import EOS, PAD, SEP, VOCAB, arithmetic_rows  # noqa: E402
+from tests.test_blotch import reference  # noqa: E402
+from train.blotch import BlotchSpec, blotch  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.loss import token_loss  # noqa: E402
+from train.model import build_model  # noqa: E402
+
+CMP_LEN, SEQ_LEN = 16, 48
+
+
+def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_blotch() -> None:
+    cfg = load_config(os.path.join(ROOT, "configs", "arithmetic.json"))
+    torch.manual_seed(0)
+    rows = torch.from_numpy(arithmetic_rows(cfg.batch_size, CMP_LEN, SEQ_LEN).astype("int64"))
+    sids = torch.arange(cfg.batch_size)
+    spec = BlotchSpec(cmp_len=CMP_LEN, pad_id=PAD, eos_id=EOS, layout="padded", separator_ids=(SEP,),
+                      blotch_p=cfg.blotch_p, seed=cfg.seed)
+    t_vec = median_time(lambda: blotch(rows, sids, 0, spec))
+    row_list, sid_list = rows.tolist(), sids.tolist()
+    t_ref = median_time(lambda: [reference(r, s, 0, spec, True) for r, s in zip(row_list, sid_list)], repeats=3)
+
+    model = build_model(cfg, VOCAB, CMP_LEN + SEQ_LEN).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.l2)
+    b = blotch(rows, sids, 0, spec)
+
+    def step():
+        loss = token_loss(model(b.input_ids, b.position_ids, b.mask), b.targets)
+        (loss.objective / loss.count).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t_step = median_time(step)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"blotching, batch {cfg.batch_size} x {CMP_LEN + SEQ_LEN} arithmetic windows, blotch_p {cfg.blotch_p}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  vectorised blotch      {t_vec * 1e3:8.3f} ms/batch")
+    print(f"  Python reference       {t_ref * 1e3:8.3f} ms/batch   (vectorised is {t_ref / t_vec:.1f}x faster)")
+    print(f"  training step          {t_step * 1e3:8.3f} ms/batch   (configs/arithmetic.json model, "
+          f"{n_params / 1e6:.2f}M params)")
+    print(f"  blotch / step          {100 * t_vec / t_step:8.2f} %          (target <= 5 %)")
+    return {"blotch_ms": t_vec * 1e3, "reference_ms": t_ref * 1e3, "step_ms": t_step * 1e3}
+
+
+if __name__ == "__main__":
+    results = {"blotch": bench_blotch()}
+    print(json.dumps(results))
