@@ -1,0 +1,158 @@
+"""The training loop end to end on tiny arithmetic data: outputs, accumulation, exact resume after kill -9, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import shards
+from train import checkpoint
+from train.config import Config
+from train.report import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "h_mult": 2, "drop_p": 0.0, "lr": 3e-3, "warmup_steps": 2,
+        "device": "cpu", "log_mod": 1, "val_batch_size": 16, "max_val_loops": 2, "n_epochs": 2}
+# Until the streaming reader (issue 3) is merged into this branch there is nothing to train from.
+pytestmark = pytest.mark.skipif(not hasattr(shards, "StreamingDataLoader"), reason="streaming reader not merged yet")
+EXACT_KEYS = ("step", "epoch", "split", "loss", "acc", "lr", "blotch_frac")  # everything but tokens_per_s
+
+
+@pytest.fixture(scope="module")
+def arith(tmp_path_factory) -> str:
+    from tests.conftest import write_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    write_dataset(str(root / "arith"), {"train": 400, "val": 64}, cmp_len=16, seq_len=32, content="arithmetic",
+                  samples_per_shard=100)
+    return str(root)
+
+
+def config(arith: str, tmp_path, **kw) -> Config:
+    return Config(data_root=arith, dataset="arith", save_root=str(tmp_path / "runs"), **{**TINY, **kw})
+
+
+def run_inline(cfg: Config) -> tuple[str, list[dict]]:
+    from train.loop import train
+
+    folder = checkpoint.new_run_folder(cfg.save_root, cfg.exp_name)
+    train(cfg, folder)
+    return folder, read_metrics(folder)
+
+
+def cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def write_cfg(tmp_path, cfg: Config, name: str = "cfg.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(cfg.to_dict()))
+    return str(path)
+
+
+def close(a: list[dict], b: list[dict], rel: float = 0.0) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) > 0
+    for x, y in zip(a, b):
+        for k in EXACT_KEYS:
+            assert x[k] == (y[k] if isinstance(y[k], str) else pytest.approx(y[k], rel=rel, abs=rel)), (k, x, y)
+
+
+def test_outputs_and_learning(arith, tmp_path):
+    cfg = config(arith, tmp_path, n_train_loops=15, n_epochs=3, checkpt_mod=4, keep_checkpoints=2,
+                 storage_options={"secret": "hunter2"}, lr_schedule="cosine")
+    folder, rows = run_inline(cfg)
+    names = sorted(os.listdir(folder))
+    assert names == ["checkpt_44.pt", "checkpt_45.pt", "curves.png", "hyperparams.json", "latest", "metrics.jsonl",
+                     "training_log.txt"]
+    assert "hunter2" not in open(os.path.join(folder, "hyperparams.json")).read()
+    assert checkpoint.latest_path(folder).endswith("checkpt_45.pt")
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["step"] for r in val] == [15, 30, 45] and val[-1]["loss"] < val[0]["loss"]
+    assert all(r["ppl"] == pytest.approx(2.718281828 ** r["loss"]) for r in val)
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 46))
+    assert all(0.05 < r["blotch_frac"] < 0.4 for r in train_rows) and all(r["blotch_frac"] == 0 for r in val)
+    assert train_rows[0]["lr"] == pytest.approx(cfg.lr / 2)  # warmup
+    log = open(os.path.join(folder, "training_log.txt")).read()
+    assert "⟦" in log and "‖" in log and "val loss" in log
+    assert folder.endswith("run_0") and run_inline(cfg)[0].endswith("run_1")
+
+
+def test_accumulation_equals_big_batch(arith, tmp_path):
+    """4 micro-batches of 8 are one batch of 32: same losses, same weights."""
+    a_folder, a = run_inline(config(arith, tmp_path, exp_name="a", n_train_loops=3, batch_size=8, n_grad_loops=4))
+    b_folder, b = run_inline(config(arith, tmp_path, exp_name="b", n_train_loops=3, batch_size=32, n_grad_loops=1))
+    close(a, b, rel=1e-5)
+    wa, wb = checkpoint.load(a_folder)["model"], checkpoint.load(b_folder)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_config_disagreeing_with_data_fails_first(arith, tmp_path):
+    path = write_cfg(tmp_path, config(arith, tmp_path, cmp_len=5))
+    p = cli(["-m", "train", path])
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and out.strip().splitlines()[-1].startswith("error: config key 'cmp_len': 5 differs from 16")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_exact(arith, tmp_path):
+    """kill -9 mid-run, then --resume: metrics.jsonl equals an uninterrupted run's, bit for bit."""
+    cfg = config(arith, tmp_path, n_train_loops=12, n_epochs=3, checkpt_mod=3, drop_p=0.1,
+                 posenc_type="RandPositionalEncoding", n_grad_loops=2, lr_schedule="plateau", patience=1)
+    full = cli(["-m", "train", write_cfg(tmp_path, cfg.replace(exp_name="full"))])
+    assert full.wait(timeout=300) == 0, full.stdout.read()
+    reference = read_metrics(os.path.join(cfg.save_root, "full", "full_0"))
+
+    folder = os.path.join(cfg.save_root, "killed", "killed_0")
+    victim = cli(["-m", "train", write_cfg(tmp_path, cfg.replace(exp_name="killed"))])
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(folder, "checkpt_6.pt")):  # mid-epoch, with more to come
+        assert victim.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert len(read_metrics(folder)) < len(reference)
+    resumed = cli(["-m", "train", "--resume", folder])
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    close(read_metrics(folder), reference)
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one(arith, tmp_path):
+    """2 ranks x batch 8 == 1 rank x batch 16; one pass per epoch with a partial accumulation tail; no hang."""
+    common = dict(n_train_loops=None, n_grad_loops=4, n_epochs=2)
+    one_cfg = config(arith, tmp_path, exp_name="one", batch_size=16, val_batch_size=16, **common)
+    two_cfg = config(arith, tmp_path, exp_name="two", batch_size=8, val_batch_size=8, multi_gpu=True, **common)
+    one = cli(["-m", "train", write_cfg(tmp_path, one_cfg)])
+    two = cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+               write_cfg(tmp_path, two_cfg, "two.json")])
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    assert two.wait(timeout=300) == 0, two.stdout.read()
+    a = read_metrics(os.path.join(tmp_path, "runs", "one", "one_0"))
+    b = read_metrics(os.path.join(tmp_path, "runs", "two", "two_0"))
+    assert [r["step"] for r in a if r["split"] == "val"] == [7, 14]  # 25 batches of 16 = 6 x 4 + a tail of 1
+    close(a, b, rel=1e-5)
+    assert not os.path.exists(os.path.join(tmp_path, "runs", "two", "two_1"))  # only rank 0 made a folder
+
+
+def test_trains_without_optional_packages(arith, tmp_path):
+    """`train` needs neither torchdata, webdataset nor datasets, and never imports preprocess."""
+    cfg = write_cfg(tmp_path, config(arith, tmp_path, n_train_loops=2, n_epochs=1))
+    code = ("import sys\n"
+            "for name in ('torchdata', 'webdataset', 'datasets', 'preprocess'):\n"
+            "    sys.modules[name] = None  # any import of them now fails\n"
+            "from train.__main__ import main\n"
+            f"assert main([{cfg!r}]) == 0\n")
+    p = cli(["-c", code])
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out

@@ -1,0 +1,79 @@
+"""`python -m train cfg.json [--key value ...]` starts a run; `python -m train --resume SAVE_FOLDER` continues one.
+
+With `multi_gpu: true` a plain `python -m train` relaunches itself through torch's elastic launcher on every
+visible GPU; under `torchrun` it joins the process group torchrun set up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from shards import ManifestError
+from train import checkpoint
+from train.config import Config, ConfigError, load_config, parse_overrides
+from train.data import open_manifest, resolve
+from train.dist import launched_world
+
+USAGE = "usage: python -m train CONFIG.json [--key value ...] | python -m train --resume SAVE_FOLDER [--key value ...]"
+# What may change when resuming: where and how data is read, and how long to train. Anything else would make
+# the resumed run a different experiment.
+RESUME_KEYS = {"storage_options", "cache_dir", "cache_limit", "n_workers", "device", "n_epochs"}
+
+
+def resume_config(folder: str, overrides: dict) -> Config:
+    path = os.path.join(folder, "hyperparams.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} not found: not a run folder")
+    with open(path) as f:
+        saved = json.load(f)
+    saved.pop("world_size")
+    saved["storage_options"] = None  # never saved (credentials); from the command line or the environment
+    changed = sorted(set(overrides) - RESUME_KEYS)
+    if changed:
+        raise ConfigError(f"--resume: cannot change {changed}; only {sorted(RESUME_KEYS)}")
+    return Config(**{**saved, **overrides})
+
+
+def relaunch(argv: list[str]) -> int:
+    import torch
+    from torch.distributed.run import main as elastic_launch
+
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise ConfigError("config key 'multi_gpu': no visible GPU; on CPU use torchrun --nproc_per_node N -m train")
+    elastic_launch(["--standalone", f"--nproc_per_node={n}", "-m", "train", *argv])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    resume_folder = None
+    try:
+        if argv[0] == "--resume":
+            if len(argv) < 2:
+                raise ConfigError(USAGE)
+            resume_folder = argv[1]
+            cfg = resume_config(resume_folder, parse_overrides(argv[2:]))
+        else:
+            cfg = load_config(argv[0], parse_overrides(argv[1:]))
+        resolve(cfg, *open_manifest(cfg))  # a config that disagrees with its data fails before any folder exists
+        if cfg.multi_gpu and launched_world() == 1 and "LOCAL_RANK" not in os.environ:
+            return relaunch(argv)
+        state = checkpoint.load(resume_folder) if resume_folder else None
+    except (ConfigError, ManifestError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from train.loop import train
+
+    main_rank = os.environ.get("RANK", "0") == "0"
+    folder = resume_folder or (checkpoint.new_run_folder(cfg.save_root, cfg.exp_name) if main_rank else "")
+    train(cfg, folder, state)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The data side of a run: the dataset's manifest checked against the config, the loaders, the train stream.
+
+Data is read only through `shards` (never `preprocess`): `<data_root>/<dataset>` may be a local folder or any
+fsspec URL. The window shape, vocabulary, padding and separators come from the manifest, so a config cannot
+silently disagree with the data it trains on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from shards import Manifest, load_manifest, storage
+from train.blotch import BlotchSpec
+from train.config import Config, ConfigError
+
+
+def dataset_url(cfg: Config) -> str:
+    return storage.join(cfg.data_root, cfg.dataset)
+
+
+def resolve(cfg: Config, m: Manifest, url: str) -> Config:
+    """Fill cmp_len, seq_len and separator_ids from the manifest; a config value that differs is an error."""
+    for key in ("cmp_len", "seq_len"):
+        mine, theirs = getattr(cfg, key), getattr(m, key)
+        if mine is not None and mine != theirs:
+            raise ConfigError(f"config key {key!r}: {mine} differs from {theirs} in {url}/manifest.json "
+                              f"(omit it to use the dataset's)")
+    seps = m.separator_ids if cfg.separator_ids is None else cfg.separator_ids
+    bad = [s for s in seps if s >= m.vocab_size]
+    if bad:
+        raise ConfigError(f"config key 'separator_ids': {bad} outside the vocabulary of {m.vocab_size} ({url})")
+    return cfg.replace(cmp_len=m.cmp_len, seq_len=m.seq_len, separator_ids=list(seps))
+
+
+def blotch_spec(cfg: Config, m: Manifest) -> BlotchSpec:
+    return BlotchSpec(
+        cmp_len=m.cmp_len, pad_id=m.pad_id, eos_id=m.eos_id, layout=m.layout,
+        separator_ids=tuple(cfg.separator_ids), blotch_p=cfg.blotch_p, spacing=cfg.blotch_spacing,
+        contig=cfg.contig_blotches, incl_intl_prob=cfg.incl_intl_prob, pad_pos_skip=cfg.pad_pos_skip, seed=cfg.seed,
+    )
+
+
+def open_manifest(cfg: Config) -> tuple[Manifest, str]:
+    url = dataset_url(cfg)
+    fs, root = storage.open_fs(url, cfg.storage_options)
+    return load_manifest(fs, root), url
+
+
+def loader(cfg: Config, url: str, split: str, batch_size: int, shuffle: bool, rank: int, world: int):
+    from shards import StreamingDataLoader, StreamingDataset
+
+    ds = StreamingDataset(url, split, shuffle=shuffle, seed=cfg.seed, rank=rank, world_size=world,
+                          batch_size=batch_size, storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
+                          cache_limit=cfg.cache_limit)
+    dl = StreamingDataLoader(ds, batch_size=batch_size, num_workers=cfg.n_workers)
+    if len(dl) == 0:
+        raise ConfigError(f"{url} split {split!r}: {ds.total} samples make no batch of {batch_size} on each of "
+                          f"{world} ranks; lower batch_size")
+    return dl
+
+
+def rng_neutral(batches: Iterable) -> Iterator:
+    """Iterate without touching the global RNG: a DataLoader iterator draws a seed from it (lazily, at the
+    first batch), and a resumed run starts a new iterator where the uninterrupted run did not."""
+    it = iter(batches)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+        yield batch
+
+
+class TrainStream:
+    """Micro-batches forever: pass after pass over the train split, each batch tagged with its pass number.
+
+    The stream continues across trainer epochs (an epoch is a number of steps, not a pass), so the tail of a
+    pass is always visited. Its state is the loader's, which counts only batches already handed out.
+    """
+
+    def __init__(self, dl):
+        self.dl, self._it, self._pass = dl, None, 0
+
+    def next(self) -> tuple[int, dict[str, torch.Tensor]]:
+        while True:
+            if self._it is None:
+                self._pass = self.dl.dataset.epoch
+                self._it = rng_neutral(self.dl)
+            try:
+                return self._pass, next(self._it)
+            except StopIteration:
+                self._it = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dl.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dl.load_state_dict(state)
+        self._it = None
+
+
+@dataclass
+class Data:
+    cfg: Config  # resolved against the manifest
+    manifest: Manifest
+    url: str
+    spec: BlotchSpec
+    train: Any  # StreamingDataLoader
+    val: Any
+
+
+def open_data(cfg: Config, rank: int, world: int) -> Data:
+    m, url = open_manifest(cfg)
+    cfg = resolve(cfg, m, url)
+    for split in ("train", "val"):
+        m.split(split)
+    train = loader(cfg, url, "train", cfg.batch_size, True, rank, world)
+    val = loader(cfg, url, "val", cfg.val_batch_size or cfg.batch_size, False, rank, world)
+    return Data(cfg, m, url, blotch_spec(cfg, m), train, val)

@@ -1,0 +1,293 @@
+"""The training loop: epochs of optimizer steps over the blotched stream, validation, checkpoints and logs.
+
+Read top to bottom: `train` builds the run (data, model, optimizer, schedule, scaler; restored from a
+checkpoint on resume), then each epoch is `steps_per_epoch` calls of `train_step`, a validation, and a
+checkpoint. Losses are sums over target tokens divided by the step's global target count, so accumulation
+and DDP give the same update as one big batch, and every logged loss is a true per-token mean.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from train import checkpoint, dist
+from train.blotch import IGNORE, blotch
+from train.config import Config
+from train.data import Data, TrainStream, open_data, rng_neutral
+from train.loss import token_loss
+from train.model import build_model
+from train.optim import Schedule, build_optimizer
+from train.report import RunLog, plot_curves, render_example
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUMS = ("nll", "correct", "count", "tokens", "blotched", "valid")  # what a step adds to the log window
+N_EXAMPLES = 3
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs done
+    step_in_epoch: int = 0
+    window: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))  # since the last train line
+    window_steps: int = 0
+
+
+@dataclass
+class Run:
+    cfg: Config
+    ctx: dist.Context
+    data: Data
+    model: torch.nn.Module
+    ddp: torch.nn.Module  # the model, DDP-wrapped when distributed
+    opt: torch.optim.Optimizer
+    sched: Schedule
+    scaler: torch.amp.GradScaler
+    stream: TrainStream
+    log: RunLog
+    folder: str
+    progress: Progress
+    val_start: dict[str, Any] = field(default_factory=dict)  # the val loader's state at its start
+    tokenizer: Any = None  # the dataset's, for examples; None shows token ids
+
+    def autocast(self):
+        dtype = DTYPES[self.cfg.torch_dtype]
+        return torch.autocast(self.ctx.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def steps_per_epoch(cfg: Config, batches_per_pass: int) -> int:
+    """`n_train_loops`, or one pass of the train split (the last step taking the pass's partial tail)."""
+    return cfg.n_train_loops or math.ceil(batches_per_pass / cfg.n_grad_loops)
+
+
+def micro_batches(cfg: Config, batches_per_pass: int, step_in_epoch: int) -> int:
+    if cfg.n_train_loops:
+        return cfg.n_grad_loops
+    return min(cfg.n_grad_loops, batches_per_pass - step_in_epoch * cfg.n_grad_loops)
+
+
+def train_step(run: Run) -> dict[str, float]:
+    """One optimizer step over the next micro-batches; returns the step's sums, reduced over ranks."""
+    cfg, ctx = run.cfg, run.ctx
+    n_micro = micro_batches(cfg, len(run.data.train), run.progress.step_in_epoch)
+    micro = [run.stream.next() for _ in range(n_micro)]
+    views = [blotch(b["input_ids"].to(ctx.device), b["sample_id"], pass_, run.data.spec) for pass_, b in micro]
+    n_targets = dist.all_reduce_sum(torch.stack([(v.targets != IGNORE).sum() for v in views]).sum(), ctx)
+    scale = ctx.world / n_targets.clamp(min=1).float()  # DDP averages over ranks; this turns it into a sum
+    sums = torch.zeros(len(SUMS), device=ctx.device)
+    for i, v in enumerate(views):
+        last = i == len(views) - 1
+        with contextlib.nullcontext() if last or not ctx.distributed else run.ddp.no_sync():
+            with run.autocast():
+                logits = run.ddp(v.input_ids, v.position_ids, v.mask)
+            out = token_loss(logits, v.targets, cfg.label_smoothing)
+            run.scaler.scale(out.objective * scale).backward()
+        sums += torch.stack([out.nll, out.correct, out.count, v.mask.sum(), v.blotched.sum(), v.valid.sum()]).float()
+    lr = run.sched.lr(run.progress.step)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.opt)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    return dict(zip(SUMS, dist.all_reduce_sum(sums, run.ctx).tolist()))
+
+
+@torch.no_grad()
+def validate(run: Run) -> tuple[dict[str, float], list[str]]:
+    """Unblotched teacher-forced loss and accuracy on up to max_val_loops val batches, and a few examples."""
+    cfg, ctx, data = run.cfg, run.ctx, run.data
+    run.model.eval()
+    data.val.load_state_dict(run.val_start)
+    sums = torch.zeros(len(SUMS), device=ctx.device)
+    examples: list[str] = []
+    for i, batch in enumerate(rng_neutral(data.val)):
+        if cfg.max_val_loops is not None and i >= cfg.max_val_loops:
+            break
+        v = blotch(batch["input_ids"].to(ctx.device), batch["sample_id"], 0, data.spec, train=False)
+        with run.autocast():
+            logits = run.model(v.input_ids, v.position_ids, v.mask)
+        out = token_loss(logits, v.targets)
+        sums += torch.stack([out.nll, out.correct, out.count, v.mask.sum(), v.blotched.sum(), v.valid.sum()]).float()
+        if i == 0 and ctx.main:
+            examples = render_examples(run, batch, v, logits)
+    run.model.train()
+    return dict(zip(SUMS, dist.all_reduce_sum(sums, ctx).tolist())), examples
+
+
+def render_examples(run: Run, batch: dict[str, torch.Tensor], v, logits: torch.Tensor) -> list[str]:
+    """The first val windows with their training view's blotched spans marked, and the model's predictions."""
+    ids, sids = batch["input_ids"][:N_EXAMPLES], batch["sample_id"][:N_EXAMPLES]
+    view = blotch(ids.to(run.ctx.device), sids, run.stream.dl.dataset.epoch, run.data.spec)
+    preds = logits[:N_EXAMPLES].argmax(-1)
+    lines = []
+    for b in range(len(ids)):
+        text = render_example(run.tokenizer, ids[b].tolist(), view.valid[b].tolist(), view.blotched[b].tolist(),
+                              run.data.spec.cmp_len)
+        counted = v.targets[b] != IGNORE
+        pred, targ = preds[b][counted].tolist(), v.targets[b][counted].tolist()
+        show = run.tokenizer.decode if run.tokenizer is not None else (lambda t: " ".join(map(str, t)))
+        lines += [f"  [{int(sids[b])}] {text}", f"      target {show(targ)!r}", f"      pred   {show(pred)!r}"]
+    return lines
+
+
+def make_record(run: Run, split: str, sums: dict[str, float], seconds: float) -> dict[str, Any]:
+    count = max(sums["count"], 1.0)
+    rec = {"step": run.progress.step, "epoch": run.progress.epoch + 1, "split": split,
+           "loss": sums["nll"] / count, "acc": sums["correct"] / count,
+           "lr": run.sched.lr(max(run.progress.step - 1, 0)),
+           "tokens_per_s": sums["tokens"] / max(seconds, 1e-9),
+           "blotch_frac": sums["blotched"] / max(sums["valid"], 1.0)}
+    if split == "val":
+        rec["ppl"] = math.exp(min(rec["loss"], 50.0))
+    return rec
+
+
+def save_checkpoint(run: Run) -> None:
+    """Every rank takes part (RNG states are gathered); rank 0 writes."""
+    rng = [rng_state()]
+    if run.ctx.distributed:
+        rng = [None] * run.ctx.world
+        torch.distributed.all_gather_object(rng, rng_state())
+    if not run.ctx.main:
+        return
+    state = {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "schedule": run.sched.state_dict(),
+             "scaler": run.scaler.state_dict(), "rng": rng, "loader": run.stream.state_dict(),
+             "progress": asdict(run.progress), "logs": run.log.positions(), "config": run.cfg.to_dict(public=True),
+             "world": run.ctx.world}
+    checkpoint.save(run.folder, run.progress.step, state, run.cfg.keep_checkpoints)
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["schedule"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.stream.load_state_dict(state["loader"])
+    run.progress = Progress(**state["progress"])
+    if state["world"] == run.ctx.world:
+        set_rng_state(state["rng"][run.ctx.rank])
+    else:  # another world size: the data and blotching stay exact, dropout draws start afresh
+        seed_everything(run.cfg.seed + run.ctx.rank + run.progress.step)
+
+
+def load_tokenizer(run: Run):
+    from shards import storage
+    from shards.summary import load_tokenizer as load
+
+    fs, root = storage.open_fs(run.data.url, run.cfg.storage_options)
+    try:
+        return load(fs, root)
+    except (OSError, ValueError) as e:
+        run.log.text(f"no tokenizer in {run.data.url}/tokenizer ({type(e).__name__}); examples show token ids")
+        return None
+
+
+def build(cfg: Config, folder: str, resume: dict[str, Any] | None) -> Run:
+    ctx = dist.setup(cfg)
+    data = open_data(cfg, ctx.rank, ctx.world)
+    cfg = data.cfg
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg, data.manifest.vocab_size, data.manifest.window).to(ctx.device)
+    if cfg.init_checkpt and resume is None:
+        model.load_state_dict(checkpoint.load(cfg.init_checkpt)["model"])
+    ddp = model
+    if ctx.distributed:
+        ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    seed_everything(cfg.seed + ctx.rank)
+    total_steps = cfg.n_epochs * steps_per_epoch(cfg, len(data.train))
+    run = Run(cfg, ctx, data, model, ddp, build_optimizer(cfg, model), Schedule(cfg, total_steps),
+              torch.amp.GradScaler(ctx.device.type, enabled=cfg.torch_dtype == "float16"), TrainStream(data.train),
+              RunLog(folder, ctx.main, resume["logs"] if resume else None), folder, Progress())
+    run.val_start = data.val.state_dict()
+    if resume is not None:
+        restore(run, resume)
+    run.tokenizer = load_tokenizer(run) if ctx.main else None
+    return run
+
+
+def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train to the end of `n_epochs`; returns the last validation record."""
+    from tqdm import tqdm
+
+    run = build(cfg, folder, resume)
+    cfg, ctx, p = run.cfg, run.ctx, run.progress
+    if ctx.main and resume is None:
+        with open(os.path.join(folder, "hyperparams.json"), "w") as f:
+            json.dump({**cfg.to_dict(public=True), "world_size": ctx.world}, f, indent=1, sort_keys=True)
+        n_params = sum(q.numel() for q in run.model.parameters())
+        run.log.text(f"{folder}: {run.data.url} ({run.data.manifest.name}, window {run.data.manifest.window}), "
+                     f"{n_params / 1e6:.2f}M params, {ctx.world} x {ctx.device}, {cfg.torch_dtype}")
+    elif ctx.main:
+        run.log.text(f"resumed {folder} at step {p.step} (epoch {p.epoch + 1})")
+    n_steps = steps_per_epoch(cfg, len(run.data.train))
+    bar = tqdm(total=run.sched.total, initial=p.step, disable=not ctx.main, unit="step", dynamic_ncols=True)
+    last_val: dict[str, Any] = {}
+    t_window = time.perf_counter()
+    while p.epoch < cfg.n_epochs:
+        t_epoch = time.perf_counter()
+        while p.step_in_epoch < n_steps:
+            sums = train_step(run)
+            p.step, p.step_in_epoch, p.window_steps = p.step + 1, p.step_in_epoch + 1, p.window_steps + 1
+            p.window = {k: p.window[k] + sums[k] for k in SUMS}
+            bar.update(1)
+            if p.step % cfg.log_mod == 0 or p.step_in_epoch == n_steps:
+                rec = make_record(run, "train", p.window, time.perf_counter() - t_window)
+                run.log.metrics(rec)
+                bar.set_postfix(epoch=p.epoch + 1, loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                p.window, p.window_steps, t_window = dict.fromkeys(SUMS, 0.0), 0, time.perf_counter()
+            if cfg.checkpt_mod and p.step % cfg.checkpt_mod == 0:
+                save_checkpoint(run)
+        t_val = time.perf_counter()
+        sums, examples = validate(run)
+        last_val = make_record(run, "val", sums, time.perf_counter() - t_val)
+        run.log.metrics(last_val)
+        bar.clear()
+        run.log.text(f"epoch {p.epoch + 1}/{cfg.n_epochs} step {p.step}: val loss {last_val['loss']:.4f} "
+                     f"acc {last_val['acc']:.4f} ppl {last_val['ppl']:.3f} ({time.perf_counter() - t_epoch:.1f} s)")
+        run.log.text("  examples (⟦ ⟧ = blotched in training, ‖ = end of the compression part):")
+        for line in examples:
+            run.log.text(line)
+        run.sched.on_validation(last_val["loss"])
+        p.epoch, p.step_in_epoch = p.epoch + 1, 0
+        save_checkpoint(run)
+        if ctx.main:
+            plot_curves(folder)
+        t_window = time.perf_counter()
+    bar.close()
+    if ctx.main:
+        run.log.text(f"done: {folder} (metrics.jsonl, training_log.txt, curves.png, "
+                     f"{os.path.basename(checkpoint.latest_path(folder))})")
+    dist.teardown(ctx)
+    return last_val

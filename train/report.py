@@ -1,0 +1,92 @@
+"""What a run leaves for people: metrics.jsonl, training_log.txt, curves.png and decoded examples.
+
+Only rank 0 writes. The log files' lengths are saved in each checkpoint, and a resume cuts the files back to
+them, so lines written after the checkpoint a run was killed past are not repeated.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+METRICS, TEXT_LOG, CURVES = "metrics.jsonl", "training_log.txt", "curves.png"
+
+
+class RunLog:
+    def __init__(self, folder: str, enabled: bool, resume_at: dict[str, int] | None = None):
+        self.folder, self.enabled = folder, enabled
+        if enabled and resume_at is not None:
+            for name, size in resume_at.items():
+                with open(os.path.join(folder, name), "r+b") as f:
+                    f.truncate(size)
+
+    def _append(self, name: str, text: str) -> None:
+        if self.enabled:
+            with open(os.path.join(self.folder, name), "a") as f:
+                f.write(text)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        self._append(METRICS, json.dumps(record) + "\n")
+
+    def text(self, line: str, echo: bool = True) -> None:
+        if self.enabled and echo:
+            print(line, flush=True)
+        self._append(TEXT_LOG, line + "\n")
+
+    def positions(self) -> dict[str, int]:
+        """Byte sizes of the log files now, for the checkpoint."""
+        sizes = {}
+        for name in (METRICS, TEXT_LOG):
+            path = os.path.join(self.folder, name)
+            sizes[name] = os.path.getsize(path) if os.path.exists(path) else 0
+        return sizes
+
+
+def read_metrics(folder: str) -> list[dict[str, Any]]:
+    with open(os.path.join(folder, METRICS)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(folder: str) -> str | None:
+    """curves.png: train and val loss and accuracy against steps; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(folder)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-"), ("val", "o-")):
+        pts = [r for r in rows if r["split"] == split]
+        for ax, key in zip(axes, ("loss", "acc")):
+            ax.plot([r["step"] for r in pts], [r[key] for r in pts], style, label=split)
+    for ax, key in zip(axes, ("loss (per token)", "token accuracy")):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(folder, CURVES)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def render_example(tokenizer, ids: list[int], valid: list[bool], blotched: list[bool], cmp_len: int) -> str:
+    """The window's real tokens, ` ‖ ` after the compression part, the training view's blotched spans in ⟦ ⟧."""
+    groups: list[tuple[tuple[bool, bool], list[int]]] = []
+    for j, (t, v, b) in enumerate(zip(ids, valid, blotched)):
+        key = (j >= cmp_len, b)
+        if v and groups and groups[-1][0] == key:
+            groups[-1][1].append(t)
+        elif v:
+            groups.append((key, [t]))
+    text, in_seq = "", False
+    for (seq, hidden), toks in groups:
+        if seq and not in_seq:
+            text, in_seq = text + " ‖ ", True
+        part = tokenizer.decode(toks) if tokenizer is not None else " ".join(map(str, toks))
+        text += f"⟦{part}⟧" if hidden else part
+    return text
