@@ -41,6 +41,7 @@ class Progress:
     step_in_epoch: int = 0
     window: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))  # since the last train line
     window_steps: int = 0
+    window_grad_norm: float = 0.0  # summed over the window's steps (the same on every rank, so not reduced)
 
 
 @dataclass
@@ -95,8 +96,9 @@ def micro_batches(cfg: Config, batches_per_pass: int, step_in_epoch: int) -> int
     return min(cfg.n_grad_loops, batches_per_pass - step_in_epoch * cfg.n_grad_loops)
 
 
-def train_step(run: Run) -> dict[str, float]:
-    """One optimizer step over the next micro-batches; returns the step's sums, reduced over ranks."""
+def train_step(run: Run) -> tuple[dict[str, float], float]:
+    """One optimizer step over the next micro-batches; returns the step's sums reduced over ranks, and the
+    gradient norm before clipping."""
     cfg, ctx = run.cfg, run.ctx
     n_micro = micro_batches(cfg, len(run.data.train), run.progress.step_in_epoch)
     micro = [run.stream.next() for _ in range(n_micro)]
@@ -115,13 +117,12 @@ def train_step(run: Run) -> dict[str, float]:
     lr = run.sched.lr(run.progress.step)
     for group in run.opt.param_groups:
         group["lr"] = lr
-    if cfg.grad_clip > 0:
-        run.scaler.unscale_(run.opt)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.unscale_(run.opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
     run.scaler.step(run.opt)
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
-    return dict(zip(SUMS, dist.all_reduce_sum(sums, run.ctx).tolist()))
+    return dict(zip(SUMS, dist.all_reduce_sum(sums, run.ctx).tolist())), float(grad_norm)
 
 
 @torch.no_grad()
@@ -258,15 +259,18 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None) -> dic
     while p.epoch < cfg.n_epochs:
         t_epoch = time.perf_counter()
         while p.step_in_epoch < n_steps:
-            sums = train_step(run)
+            sums, grad_norm = train_step(run)
             p.step, p.step_in_epoch, p.window_steps = p.step + 1, p.step_in_epoch + 1, p.window_steps + 1
             p.window = {k: p.window[k] + sums[k] for k in SUMS}
+            p.window_grad_norm += grad_norm
             bar.update(1)
             if p.step % cfg.log_mod == 0 or p.step_in_epoch == n_steps:
                 rec = make_record(run, "train", p.window, time.perf_counter() - t_window)
+                rec["grad_norm"] = p.window_grad_norm / p.window_steps
                 run.log.metrics(rec)
                 bar.set_postfix(epoch=p.epoch + 1, loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                p.window, p.window_steps, t_window = dict.fromkeys(SUMS, 0.0), 0, time.perf_counter()
+                p.window, p.window_steps, p.window_grad_norm = dict.fromkeys(SUMS, 0.0), 0, 0.0
+                t_window = time.perf_counter()
             if cfg.checkpt_mod and p.step % cfg.checkpt_mod == 0:
                 save_checkpoint(run)
         t_val = time.perf_counter()
