@@ -14,7 +14,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -34,7 +34,8 @@ class Config:
     exp_name: str = _f("run", "experiment name: outputs go to save_root/exp_name/exp_name_<N>/ (N the first free number)")
     save_root: str = _f("runs", "root folder of all experiment outputs")
     data_root: str = _f("data", "root of preprocessed datasets, a local path or any fsspec URL")
-    dataset: str = _f("arithmetic", "dataset folder name under data_root, as written by `python -m preprocess`")
+    dataset: str = _f("arithmetic", "what preprocess tokenizes (arithmetic, openwebtext, glue, text)")
+    name: Optional[str] = _f(None, "dataset folder under data_root, as preprocess writes it; null = dataset")
     storage_options: Optional[dict] = _f(None, "fsspec options for data_root (never written to hyperparams.json)")
     cache_dir: Optional[str] = _f(None, "local shard cache for remote data (default: a temporary folder)")
     cache_limit: Optional[int] = _f(None, "maximum bytes of the local shard cache", gt=0)
@@ -45,7 +46,6 @@ class Config:
         "float32", "compute dtype under autocast; float16 also uses a GradScaler"
     )
     seed: int = _f(0, "seeds every RNG, the data order and the blotching pattern", ge=0)
-    n_data_procs: int = _f(4, "preprocessing processes (accepted for shared configs; only preprocess uses it)", ge=1)
     init_checkpt: Optional[str] = _f(None, "start from the model weights of this checkpoint file or run folder")
     # loop and optimisation
     n_epochs: int = _f(1, "number of epochs (each followed by validation and a checkpoint)", ge=1)
@@ -93,6 +93,24 @@ class Config:
     max_posencs: Optional[int] = _f(None, "rows of the position table; null = 3 x (cmp_len + seq_len)", ge=1)
     posenc_drop_p: Optional[float] = _f(None, "dropout on the positional encodings; null = drop_p", ge=0, lt=1)
     learnable_posencs: bool = _f(False, "train the position table (a Parameter) instead of keeping it fixed")
+    # read by `python -m preprocess --config` only (it checks them); here so one file can drive both
+    n_data_procs: Optional[int] = _f(None, "preprocess: tokenizer worker processes")
+    tokenizer: Optional[str] = _f(None, "preprocess: Hugging Face tokenizer name or folder, or char")
+    format: Optional[Literal["arrow", "webdataset"]] = _f(None, "preprocess: shard format")
+    shard_size: Optional[int] = _f(None, "preprocess: target shard size in bytes")
+    val_frac: Optional[float] = _f(None, "preprocess: fraction of text documents in val")
+    max_docs: Optional[int] = _f(None, "preprocess: only the first N source documents")
+    data_files: Union[str, list, None] = _f(None, "preprocess: local or fsspec files/globs of the source")
+    glue_task: Optional[str] = _f(None, "preprocess: GLUE task")
+    no_pack: Optional[bool] = _f(None, "preprocess: one truncated, padded window per document")
+    overwrite: Optional[bool] = _f(None, "preprocess: rebuild an existing dataset folder")
+    n_train: Optional[int] = _f(None, "preprocess: arithmetic train problems")
+    n_val: Optional[int] = _f(None, "preprocess: arithmetic val problems")
+    min_ents: Optional[int] = _f(None, "preprocess: fewest arithmetic operands")
+    max_ents: Optional[int] = _f(None, "preprocess: most arithmetic operands")
+    max_num: Optional[int] = _f(None, "preprocess: arithmetic operands are drawn from [0, max_num)")
+    p_mult: Optional[float] = _f(None, "preprocess: probability that an arithmetic operand is a product")
+    max_mult_num: Optional[int] = _f(None, "preprocess: arithmetic right factors are drawn from [0, max_mult_num)")
 
     def __post_init__(self) -> None:
         _validate(self)

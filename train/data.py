@@ -17,7 +17,7 @@ from train.config import Config, ConfigError
 
 
 def dataset_url(cfg: Config) -> str:
-    return storage.join(cfg.data_root, cfg.dataset)
+    return storage.join(cfg.data_root, cfg.name or cfg.dataset)
 
 
 def resolve(cfg: Config, m: Manifest, url: str) -> Config:
