@@ -158,6 +158,7 @@ class Run:
             self.params.update(val_frac=job.val_frac, pack=job.pack)
         if job.overwrite:
             storage.remove_tree(self.fs, self.out)
+        storage.remove_stale_temps(self.fs, self.out)
         manifest_path = storage.join(self.out, MANIFEST_NAME)
         if storage.exists(self.fs, manifest_path):
             self._check_params(load_manifest(self.fs, self.out).params, manifest_path)
@@ -212,13 +213,29 @@ class Run:
             for s in SPLITS
         }
         documents = dict.fromkeys(SPLITS, 0)
-        resume_from = [a.next_doc for a in assemblers.values()]
         encoder = enc.Encoder(
             tokenizer_json, job.tokenizer.eos_token_id, pad_id(job.tokenizer), job.cmp_len, job.seq_len, self.dtype
         )
-        kind = job.source.kind
+        started = time.perf_counter()
+        # `delay`: a run that fails at once (offline Hub, bad file) prints its error line and no bar
+        bar = tqdm(total=job.max_docs or job.source.total, unit="doc", desc=job.name, mininterval=1.0, delay=2.0)
+        try:
+            self._pump(job, assemblers, writers, documents, encoder, bar)
+        finally:
+            bar.close()
+        manifest = self._manifest(assemblers, documents)
+        save_manifest(self.fs, self.out, manifest)
+        progress_path = storage.join(self.out, PROGRESS_NAME)
+        if storage.exists(self.fs, progress_path):
+            self.fs.rm_file(progress_path)
+        self._summary(manifest, time.perf_counter() - started)
+        return manifest
+
+    def _pump(self, job: Job, assemblers: dict, writers: dict, documents: dict, encoder: enc.Encoder, bar) -> None:
+        """Read, tokenize and window every document not yet in a committed shard."""
+        kind, extra_cols = job.source.kind, list(job.source.columns)
+        resume_from = [assemblers[s].next_doc for s in SPLITS]
         started, n_tokens = time.perf_counter(), 0
-        bar = tqdm(total=job.max_docs or job.source.total, unit="doc", desc=job.name, mininterval=1.0, smoothing=0.1)
 
         def consume(chunk: enc.Chunk, result) -> None:
             nonlocal n_tokens
@@ -271,14 +288,6 @@ class Run:
                     consume(c, r.get())
         for w in writers.values():
             w.close()
-        bar.close()
-        manifest = self._manifest(assemblers, documents)
-        save_manifest(self.fs, self.out, manifest)
-        progress_path = storage.join(self.out, PROGRESS_NAME)
-        if storage.exists(self.fs, progress_path):
-            self.fs.rm_file(progress_path)
-        self._summary(manifest, time.perf_counter() - started)
-        return manifest
 
     def _committed(self, split: str, info: ShardInfo, state: np.ndarray) -> None:
         self.shards[split].append(info)
