@@ -36,7 +36,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `data` to `path` so that readers see either nothing or the whole file."""
     if is_local(fs):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # remove_stale_temps() knows this pattern
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -48,6 +48,16 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
                 os.remove(tmp)
     else:
         fs.pipe_file(path, data)
+
+
+def remove_stale_temps(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    """Delete temporary files that a killed writer left under `path` (only local writes use them)."""
+    if not is_local(fs) or not os.path.isdir(path):
+        return 0
+    stale = fs.glob(join(path, "**", "*.tmp-*"))
+    for f in stale:
+        fs.rm_file(f)
+    return len(stale)
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

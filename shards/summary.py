@@ -48,21 +48,25 @@ def render_window(ids: np.ndarray, m: Manifest, tokenizer) -> str:
     seps = set(m.separator_ids)
 
     def render(part: np.ndarray) -> str:
-        out, seg, pads = [], [], 0
-        for t in part.tolist():
-            if t == m.pad_id and m.pad_id != m.eos_id:
-                pads += 1
-                continue
+        ids = part.tolist()
+        is_pad = [t == m.pad_id for t in ids]
+        lead = next((i for i, p in enumerate(is_pad) if not p), len(ids)) if m.layout == "padded" else 0
+        end = len(ids)
+        if m.layout == "padded" and m.pad_id != m.eos_id:
+            while end > lead and is_pad[end - 1]:
+                end -= 1
+        out, seg = [], []
+        for t in ids[lead:end]:
             seg.append(t)
             if t in seps:
                 out.append(tokenizer.decode(seg))
                 seg = []
         if seg:
             out.append(tokenizer.decode(seg))
-        text = " ¦ ".join(out)
-        return text + (f" <pad>x{pads}" if pads else "")
+        text = " ¦ ".join(repr(x)[1:-1] for x in out)
+        return (f"<pad>x{lead} " if lead else "") + text + (f" <pad>x{len(ids) - end}" if end < len(ids) else "")
 
-    return f"{render(ids[: m.cmp_len])!r} ‖ {render(ids[m.cmp_len:])!r}"
+    return f"{render(ids[: m.cmp_len])} ‖ {render(ids[m.cmp_len:])}"
 
 
 def decoded_lines(fs: fsspec.AbstractFileSystem, root: str, m: Manifest, split: str, n: int) -> list[str]:

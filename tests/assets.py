@@ -72,3 +72,52 @@ def build_gpt2_tokenizer(out_dir: str) -> str:
     )
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+WORDS = (
+    "the of and to a in is that it was for on are as with his they at be this from have or by one had not but "
+    "what all were when we there can an your which their said if do will each about how up out them then she many "
+    "some so these would other into has more her two like him see time could no make than first been its who now "
+    "people my made over did down only way find use may water long little very after words called just where most "
+    "know get through back much before go good new write our used me man too any day same right look think also "
+    "around another came come work three word must because does part even place well such here take why things help "
+    "put years different away again off went old number great tell men say small every found still between name "
+    "should home big give air line set own under read last never us left end along while might next sound below saw "
+    "something thought both few those always looked show large often together asked house world going want school "
+    "important until form food keep children feet land side without boy once animals life enough took sometimes four "
+    "head above kind began almost live page got earth need far hand high year mother light parts country father let "
+    "night following picture being study second eyes soon times story boys since white days ever paper hard near"
+).split()
+
+
+def english_like_docs(n_docs: int, seed: int = 0, mean_words: int = 200) -> list[str]:
+    """Deterministic English-like documents: Zipf-distributed common words in sentences and paragraphs."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS)
+    p = 1.0 / np.arange(1, len(words) + 1)
+    p /= p.sum()
+    docs = []
+    for _ in range(n_docs):
+        n = max(8, int(rng.exponential(mean_words)))
+        picks = words[rng.choice(len(words), size=n, p=p)]
+        out, i = [], 0
+        while i < n:
+            k = int(rng.integers(5, 20))
+            sentence = " ".join(picks[i : i + k])
+            out.append(sentence[:1].upper() + sentence[1:] + str(rng.choice([".", ".", ".", "?", "!"])))
+            if rng.random() < 0.15:
+                out.append("\n\n")
+            i += k
+        docs.append(" ".join(out).replace(" \n\n ", "\n\n").strip())
+    return docs
+
+
+def write_jsonl(path: str, docs: list[str]) -> str:
+    import json
+
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Offline tokenization into verified, deterministic shards: `python -m preprocess --dataset NAME`."""

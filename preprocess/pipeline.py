@@ -1,0 +1,337 @@
+"""Source -> tokenize (n_data_procs workers) -> windows -> shards -> manifest, resumable at any shard.
+
+Determinism: documents are cut into fixed chunks in source order, workers only tokenize, and the main
+process consumes results in chunk order, so the output is the same bytes whatever `n_data_procs` is.
+Resumption: after every committed shard, `_progress.json` records the shards so far and each split's source
+position (see windows.py). A rerun skips the documents already in shards without tokenizing them.
+Memory is bounded: the source is streamed and at most a few chunks per worker are in flight.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from preprocess import encode as enc
+from preprocess.sources import Doc, Source
+from preprocess.tokenizer import pad_id, save_tokenizer, separator_ids
+from preprocess.windows import Assembler, Packer, PairAssembler, Truncator
+from shards import ShardInfo, ShardWriter, SplitInfo, storage
+from shards.manifest import MANIFEST_NAME, Manifest, load_manifest, save_manifest, token_dtype
+from shards.summary import TOKENIZER_DIR
+
+SPLITS = ("train", "val")
+PROGRESS_NAME = "_progress.json"
+CHUNK_DOCS = {"text": 256, "pair": 1024}
+
+
+class ParamsMismatch(ValueError):
+    """An existing output was made with other parameters."""
+
+
+@dataclass
+class Job:
+    """Everything a run needs, resolved: what to read, how to cut it, where to write."""
+
+    dataset: str
+    name: str
+    data_root: str
+    storage_options: dict | None
+    source: Source
+    tokenizer: Any
+    tokenizer_name: str
+    cmp_len: int
+    seq_len: int
+    fmt: str
+    shard_size: int
+    n_data_procs: int
+    seed: int
+    val_frac: float
+    max_docs: int | None
+    pack: bool
+    overwrite: bool
+    extra_params: dict[str, Any]
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("semantic-blotching")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def split_codes(doc_idx: np.ndarray, seed: int, val_frac: float) -> np.ndarray:
+    """Per-document train(0)/val(1) from a hash of (seed, document index): stable under streaming and resume."""
+    x = doc_idx.astype(np.uint64) + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):  # splitmix64: wrap-around arithmetic is the point
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return ((x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_frac).astype(np.int8)
+
+
+def params_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += params_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return out
+
+
+def chunks(job: Job) -> Iterator[enc.Chunk]:
+    size = CHUNK_DOCS[job.source.kind]
+    buf: list[Doc] = []
+    start = 0
+
+    def make(docs: list[Doc], first: int) -> enc.Chunk:
+        idx = np.arange(first, first + len(docs), dtype=np.int64)
+        codes = (
+            split_codes(idx, job.seed, job.val_frac)
+            if job.source.kind == "text"
+            else np.array([SPLITS.index(d.split) for d in docs], dtype=np.int8)
+        )
+        return enc.Chunk(
+            doc_idx=idx, split=codes, texts=[d.text for d in docs], seconds=[d.second for d in docs],
+            labels=np.array([-1 if d.label is None else d.label for d in docs], dtype=np.int64),
+        )
+
+    for i, doc in enumerate(job.source):
+        if job.max_docs is not None and i >= job.max_docs:
+            break
+        buf.append(doc)
+        if len(buf) == size:
+            yield make(buf, start)
+            start, buf = start + size, []
+    if buf:
+        yield make(buf, start)
+
+
+def select(chunk: enc.Chunk, keep: np.ndarray) -> enc.Chunk:
+    return enc.Chunk(
+        doc_idx=chunk.doc_idx[keep], split=chunk.split[keep],
+        texts=[t for t, k in zip(chunk.texts, keep) if k], seconds=[t for t, k in zip(chunk.seconds, keep) if k],
+        labels=chunk.labels[keep],
+    )
+
+
+def select_text(tokens: enc.TextTokens, keep: np.ndarray) -> enc.TextTokens:
+    return enc.TextTokens(flat=tokens.flat[np.repeat(keep, tokens.lengths)], lengths=tokens.lengths[keep])
+
+
+class Run:
+    """One invocation: owns the output folder, the per-split assemblers and writers, and the progress file."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.fs, root = storage.open_fs(job.data_root, job.storage_options)
+        self.out = storage.join(root, job.name)
+        self.url = storage.display_url(self.fs, self.out)
+        self.window = job.cmp_len + job.seq_len
+
+    # ------------------------------------------------------------ setup
+
+    def prepare(self, tok_dir: str) -> dict[str, Any] | None:
+        """Save the tokenizer, check any existing output; return the progress to resume from (or None)."""
+        job = self.job
+        self.tok_sha = save_tokenizer(job.tokenizer, tok_dir)
+        self.vocab_size = len(job.tokenizer)
+        self.dtype = token_dtype(self.vocab_size)
+        self.params = {
+            "dataset": job.dataset, "source": job.source.description, "tokenizer": job.tokenizer_name,
+            "tokenizer_sha256": self.tok_sha, "cmp_len": job.cmp_len, "seq_len": job.seq_len, "seed": job.seed,
+            "max_docs": job.max_docs, "format": job.fmt, "shard_size": job.shard_size, **job.extra_params,
+        }
+        if job.source.kind == "text":
+            self.params.update(val_frac=job.val_frac, pack=job.pack)
+        if job.overwrite:
+            storage.remove_tree(self.fs, self.out)
+        storage.remove_stale_temps(self.fs, self.out)
+        manifest_path = storage.join(self.out, MANIFEST_NAME)
+        if storage.exists(self.fs, manifest_path):
+            self._check_params(load_manifest(self.fs, self.out).params, manifest_path)
+            return {"complete": True}
+        progress_path = storage.join(self.out, PROGRESS_NAME)
+        if storage.exists(self.fs, progress_path):
+            progress = json.loads(storage.read_bytes(self.fs, progress_path))
+            self._check_params(progress["params"], progress_path)
+            return progress
+        return None
+
+    def _check_params(self, old: dict, path: str) -> None:
+        diff = params_diff(old, self.params)
+        if diff:
+            raise ParamsMismatch(
+                f"{storage.display_url(self.fs, path)} was made with other parameters: {', '.join(diff)}; "
+                "use another --name or pass --overwrite"
+            )
+
+    # ------------------------------------------------------------ the run
+
+    def execute(self) -> Manifest | None:
+        with tempfile.TemporaryDirectory() as tok_dir:
+            progress = self.prepare(tok_dir)
+            if progress and progress.get("complete"):
+                print(f"{self.url} is complete and matches these parameters: nothing to do (--overwrite rebuilds it)")
+                return None
+            storage.upload_dir(self.fs, tok_dir, storage.join(self.out, TOKENIZER_DIR))
+            return self._stream(progress or {}, os.path.join(tok_dir, "tokenizer.json"))
+
+    def _make_assembler(self, state: list[int] | None) -> Assembler:
+        job = self.job
+        if job.source.kind == "pair":
+            return PairAssembler(self.window, state)
+        if job.pack:
+            return Packer(self.window, state)
+        return Truncator(job.cmp_len, job.seq_len, pad_id(job.tokenizer), state)
+
+    def _stream(self, progress: dict, tokenizer_json: str) -> Manifest:
+        job = self.job
+        splits = progress.get("splits", {})
+        self.shards = {s: [ShardInfo(**x) for x in splits.get(s, {}).get("shards", [])] for s in SPLITS}
+        self.states = {s: splits.get(s, {}).get("state") for s in SPLITS}
+        assemblers = {s: self._make_assembler(self.states[s]) for s in SPLITS}
+        extra_cols = list(job.source.columns)
+        writers = {
+            s: ShardWriter(
+                self.fs, self.out, s, job.fmt, self.window, self.dtype, extra_cols, job.shard_size,
+                on_commit=lambda info, state, s=s: self._committed(s, info, state),
+                first_shard=len(self.shards[s]), first_sample=sum(x.samples for x in self.shards[s]),
+            )
+            for s in SPLITS
+        }
+        documents = dict.fromkeys(SPLITS, 0)
+        encoder = enc.Encoder(
+            tokenizer_json, job.tokenizer.eos_token_id, pad_id(job.tokenizer), job.cmp_len, job.seq_len, self.dtype
+        )
+        started = time.perf_counter()
+        # `delay`: a run that fails at once (offline Hub, bad file) prints its error line and no bar
+        bar = tqdm(total=job.max_docs or job.source.total, unit="doc", desc=job.name, mininterval=1.0, delay=2.0)
+        try:
+            self._pump(job, assemblers, writers, documents, encoder, bar)
+        finally:
+            bar.close()
+        manifest = self._manifest(assemblers, documents)
+        save_manifest(self.fs, self.out, manifest)
+        progress_path = storage.join(self.out, PROGRESS_NAME)
+        if storage.exists(self.fs, progress_path):
+            self.fs.rm_file(progress_path)
+        self._summary(manifest, time.perf_counter() - started)
+        return manifest
+
+    def _pump(self, job: Job, assemblers: dict, writers: dict, documents: dict, encoder: enc.Encoder, bar) -> None:
+        """Read, tokenize and window every document not yet in a committed shard."""
+        kind, extra_cols = job.source.kind, list(job.source.columns)
+        resume_from = [assemblers[s].next_doc for s in SPLITS]
+        started, n_tokens = time.perf_counter(), 0
+
+        def consume(chunk: enc.Chunk, result) -> None:
+            nonlocal n_tokens
+            for code, split in enumerate(SPLITS):
+                keep = chunk.split == code
+                if not keep.any():
+                    continue
+                if kind == "text":
+                    part = select_text(result, keep)
+                    n_tokens += int(part.lengths.sum())
+                    windows, states = assemblers[split].add(chunk.doc_idx[keep], part)
+                    extras = {}
+                else:
+                    part = enc.PairWindows(result.windows[keep], result.ok[keep], result.lengths[keep])
+                    n_tokens += int(part.lengths.sum())
+                    windows, states = assemblers[split].add(chunk.doc_idx[keep], part)
+                    extras = {c: chunk.labels[keep][part.ok] for c in extra_cols}
+                writers[split].add(windows, extras, states)
+            bar.update(len(chunk.doc_idx))
+            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):,.0f}",
+                            shards=sum(len(v) for v in self.shards.values()), refresh=False)
+
+        def to_encode() -> Iterator[enc.Chunk]:
+            """Count every document, skip those already in committed shards, yield the rest."""
+            for chunk in chunks(job):
+                for code, split in enumerate(SPLITS):
+                    documents[split] += int((chunk.split == code).sum())
+                todo = chunk.doc_idx >= np.asarray(resume_from)[chunk.split]
+                if todo.all():
+                    yield chunk
+                elif todo.any():
+                    yield select(chunk, todo)
+                else:
+                    bar.update(len(chunk.doc_idx))
+
+        if job.n_data_procs <= 1:
+            for chunk in to_encode():
+                consume(chunk, encoder.text(chunk) if kind == "text" else encoder.pairs(chunk))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # no fork: the parent may hold s3fs threads and rayon pools
+            with ctx.Pool(job.n_data_procs, initializer=enc.init_worker, initargs=(encoder,)) as pool:
+                inflight: deque = deque()
+                for chunk in to_encode():
+                    inflight.append((chunk, pool.apply_async(enc.encode_in_worker, (kind, chunk))))
+                    while len(inflight) > 2 * job.n_data_procs + 2:
+                        c, r = inflight.popleft()
+                        consume(c, r.get())
+                while inflight:
+                    c, r = inflight.popleft()
+                    consume(c, r.get())
+        for w in writers.values():
+            w.close()
+
+    def _committed(self, split: str, info: ShardInfo, state: np.ndarray) -> None:
+        self.shards[split].append(info)
+        self.states[split] = [int(x) for x in state]
+        progress = {
+            "params": self.params,
+            "splits": {s: {"shards": [asdict(x) for x in self.shards[s]], "state": self.states[s]} for s in SPLITS},
+        }
+        storage.write_atomic(self.fs, storage.join(self.out, PROGRESS_NAME), json.dumps(progress).encode())
+
+    def _manifest(self, assemblers: dict[str, Assembler], documents: dict[str, int]) -> Manifest:
+        job, tok = self.job, self.job.tokenizer
+        splits = {}
+        for s in SPLITS:
+            a, shards = assemblers[s], self.shards[s]
+            windows = sum(x.samples for x in shards)
+            splits[s] = SplitInfo(
+                shards=shards, documents=documents[s], windows=windows, tokens=a.kept + a.dropped + a.tail(),
+                tokens_dropped=a.dropped + a.tail(), too_long=documents[s] - windows if job.source.kind == "pair" else 0,
+            )
+        return Manifest(
+            name=job.name, format=job.fmt, cmp_len=job.cmp_len, seq_len=job.seq_len, dtype=self.dtype,
+            vocab_size=self.vocab_size, pad_id=pad_id(tok), eos_id=tok.eos_token_id,
+            separator_ids=separator_ids(tok, job.dataset),
+            layout="packed" if job.source.kind == "text" and job.pack else "padded",
+            columns=dict(job.source.columns),
+            tokenizer={"name": job.tokenizer_name, "sha256": self.tok_sha, "path": TOKENIZER_DIR},
+            params=self.params, splits=splits, package_version=package_version(),
+        )
+
+    def _summary(self, m: Manifest, seconds: float) -> None:
+        docs = sum(s.documents for s in m.splits.values())
+        tokens = sum(s.tokens for s in m.splits.values())
+        shards = sum(len(s.shards) for s in m.splits.values())
+        size = sum(x.bytes for s in m.splits.values() for x in s.shards)
+        per_split = ", ".join(f"{k} {v.windows}" for k, v in m.splits.items())
+        dropped = sum(s.tokens_dropped for s in m.splits.values())
+        too_long = sum(s.too_long for s in m.splits.values())
+        print(
+            f"{m.name}: {docs} documents, {tokens} tokens, windows {per_split}, {shards} shards, "
+            f"{size / 1e6:.1f} MB, {dropped} tokens dropped, {too_long} too long, {seconds:.1f} s "
+            f"({tokens / max(seconds, 1e-9):,.0f} tokens/s) -> {self.url}"
+        )
+
+
+def run(job: Job) -> Manifest | None:
+    return Run(job).execute()
