@@ -27,7 +27,7 @@ from train.data import Data, TrainStream, open_data, rng_neutral
 from train.loss import token_loss
 from train.model import build_model
 from train.optim import Schedule, build_optimizer
-from train.report import RunLog, plot_curves, render_example
+from train.report import RunLog, plot_curves, read_metrics, render_example
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUMS = ("nll", "correct", "count", "tokens", "blotched", "valid")  # what a step adds to the log window
@@ -290,8 +290,12 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None) -> dic
             plot_curves(folder)
         t_window = time.perf_counter()
     bar.close()
-    if ctx.main:
-        run.log.text(f"done: {folder} (metrics.jsonl, training_log.txt, curves.png, "
-                     f"{os.path.basename(checkpoint.latest_path(folder))})")
+    if ctx.main and last_val:
+        first = next(r for r in read_metrics(folder) if r["split"] == "val")
+        plot = os.path.join(folder, "curves.png")
+        run.log.text(f"done: val loss {first['loss']:.4f} -> {last_val['loss']:.4f}, acc {first['acc']:.4f} -> "
+                     f"{last_val['acc']:.4f} after {p.step} steps\n  outputs: {folder}/ (metrics.jsonl, "
+                     f"training_log.txt, {os.path.basename(checkpoint.latest_path(folder))})\n"
+                     f"  plot:    {plot if os.path.exists(plot) else 'none (matplotlib is not installed)'}")
     dist.teardown(ctx)
     return last_val
