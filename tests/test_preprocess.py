@@ -348,6 +348,13 @@ def test_errors_are_one_line(tmp_path, capsys, args, expected, monkeypatch):
     assert not any(f == "manifest.json" for _, _, fs in os.walk(tmp_path / "out") for f in fs)
 
 
+def test_unknown_dataset_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dataset", "wikitext"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "invalid choice: 'wikitext'" in err and len(err.splitlines()) == 1
+
+
 def test_config_file_and_flags(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"dataset": "arithmetic", "data_root": str(tmp_path), "n_train": 50, "n_val": 10,
