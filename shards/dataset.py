@@ -181,20 +181,16 @@ class _ShardReader:
         return arrays
 
     def gather(self, ids: np.ndarray, order: EpochOrder) -> dict[str, np.ndarray]:
-        shard = order.shard_of(ids)
-        rows = ids - order.offsets[shard]
+        """Rows for `ids`, sorted by sample id: the batch is the same set, and each shard becomes one take."""
+        ids = np.sort(ids)
+        cuts = np.searchsorted(ids, order.offsets)  # where each shard's ids begin in the batch
         out = {c: np.empty((len(ids), self.ds.manifest.window) if c == formats.TOKENS else len(ids), dtype=t)
                for c, t in self.columns.items()}
-        first, last = int(shard[0]), int(shard[-1])
-        if first == last and (shard == first).all():
-            src = self.shard(first)
+        for s in np.flatnonzero(cuts[1:] > cuts[:-1]):
+            lo, hi = cuts[s], cuts[s + 1]
+            rows = ids[lo:hi] - order.offsets[s]
+            src = self.shard(int(s))
             for c in out:
-                np.take(src[c], rows, axis=0, out=out[c])
-        else:
-            for s in np.unique(shard):
-                mask = shard == s
-                src = self.shard(int(s))
-                for c in out:
-                    out[c][mask] = src[c][rows[mask]]
-        out["sample_id"] = np.asarray(ids, dtype=np.int64)
+                np.take(src[c], rows, axis=0, out=out[c][lo:hi])
+        out["sample_id"] = ids.astype(np.int64, copy=False)
         return out

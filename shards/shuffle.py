@@ -51,7 +51,7 @@ class EpochOrder:
         """Sample ids at global positions [start, stop)."""
         if not 0 <= start <= stop <= self.total:
             raise IndexError(f"positions [{start}, {stop}) outside the epoch of {self.total} samples")
-        if self.mode == "none":
+        if self.mode == "none" or start == stop:
             return np.arange(start, stop, dtype=np.int64)
         if self.mode == "full":
             return self._perm[start:stop]
