@@ -27,8 +27,15 @@ def dataset_defaults(dataset: str) -> dict[str, Any]:
     return DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["text"])
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes end with one line that names the flag, like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see python -m preprocess --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m preprocess", description=__doc__)
+    p = OneLineErrors(prog="python -m preprocess", description=__doc__)
     a = p.add_argument
     a("--config", help="JSON config file (the trainer's); flags override its keys")
     a("--dataset", choices=DATASETS, help="what to tokenize")

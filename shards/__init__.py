@@ -6,4 +6,18 @@ from shards.manifest import Manifest, ManifestError, ShardInfo, SplitInfo, load_
 from shards import formats, storage
 from shards.writer import ShardWriter
 
-__all__ = ["Manifest", "ManifestError", "ShardInfo", "SplitInfo", "ShardWriter", "load_manifest", "save_manifest"]
+__all__ = [
+    "Manifest", "ManifestError", "ShardInfo", "SplitInfo", "ShardWriter", "StreamingDataLoader", "StreamingDataset",
+    "load_manifest", "save_manifest",
+]
+
+
+def __getattr__(name: str):
+    """The reader needs torch; the format tools (`python -m shards verify`) must work without importing it."""
+    if name == "StreamingDataset":
+        from shards.dataset import StreamingDataset
+        return StreamingDataset
+    if name == "StreamingDataLoader":
+        from shards.loader import StreamingDataLoader
+        return StreamingDataLoader
+    raise AttributeError(f"module 'shards' has no attribute {name!r}")

@@ -348,6 +348,13 @@ def test_errors_are_one_line(tmp_path, capsys, args, expected, monkeypatch):
     assert not any(f == "manifest.json" for _, _, fs in os.walk(tmp_path / "out") for f in fs)
 
 
+def test_unknown_dataset_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dataset", "wikitext"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "invalid choice: 'wikitext'" in err and len(err.splitlines()) == 1
+
+
 def test_config_file_and_flags(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"dataset": "arithmetic", "data_root": str(tmp_path), "n_train": 50, "n_val": 10,
@@ -355,3 +362,26 @@ def test_config_file_and_flags(tmp_path):
     assert main(["--config", str(cfg), "--seq_len", "280"]) == 0
     m = load_manifest(*storage.open_fs(str(tmp_path / "arithmetic")))
     assert m.seq_len == 280 and m.splits["train"].documents == 50
+
+
+def test_reads_data_files_from_s3(tmp_path, s3_bucket, corpus, gpt2_tokenizer_dir):
+    import s3fs
+
+    url, opts = s3_bucket
+    path, _ = corpus
+    s3fs.S3FileSystem(**opts).put_file(path, f"{url[5:]}/raw/docs.jsonl")
+    args = text_args(f"{url}/raw/*.jsonl", gpt2_tokenizer_dir, str(tmp_path / "from_s3"),
+                     "--storage_options", json.dumps(opts))
+    assert main(args) == 0
+    assert main(text_args(path, gpt2_tokenizer_dir, str(tmp_path / "local"))) == 0
+    a = read_split(str(tmp_path / "from_s3" / "json"), "train")["input_ids"]
+    np.testing.assert_array_equal(a, read_split(str(tmp_path / "local" / "json"), "train")["input_ids"])
+
+
+def test_readme_documents_every_flag():
+    from preprocess.cli import build_parser
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    flags = [o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    missing = [f for f in flags if f"`{f}" not in readme]
+    assert not missing, f"README.md does not document {missing}"

@@ -1,0 +1,196 @@
+"""StreamingDataset: one rank's share of a split, as whole batches, in a global order that survives resumes.
+
+The dataset yields `(batch_index, arrays)` pairs: whole batches of numpy arrays, so the only per-sample work is
+numpy fancy indexing and loader workers hand one object per batch to the main process. `StreamingDataLoader`
+turns them into tensors and keeps the place. Where the data sits (local path or fsspec URL) only changes how a
+shard reaches local disk (`cache.py`); order (`shuffle.py`) and partition (`partition.py`) are the same for
+both formats and all storages.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from shards import formats, storage
+from shards.cache import ShardCache
+from shards.manifest import load_manifest
+from shards.partition import Partition
+from shards.shuffle import EpochOrder
+from shards.verify import VerifyError, check_shard_arrays
+
+STATE_VERSION = 1
+DEFAULT_BLOCK_SHARDS = 16  # shards per shuffle block for remote data (MosaicML advises blocks >= 10 shards)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class StreamingDataset(IterableDataset):
+    """One split of a dataset folder written by `preprocess`, read by one rank.
+
+    `shuffle_block` picks the shuffle: 0 permutes the whole split (the default for local Arrow, where memory
+    maps make any access pattern cheap); k > 0 shuffles within blocks of k shards (the default, 16, for
+    remote or WebDataset data, so a node only needs a block's shards at a time). `cache_limit` (bytes) must
+    hold two blocks (the one being read and the one being prefetched), or the whole split for a full shuffle. The state never includes `storage_options`, which may hold credentials.
+    """
+
+    def __init__(
+        self,
+        path_or_url: str,
+        split: str = "train",
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        batch_size: int = 1,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+        cache_limit: int | None = None,
+        shuffle_block: int | None = None,
+        retries: int = 4,
+    ):
+        fs, root = storage.open_fs(path_or_url, storage_options)
+        self.manifest = load_manifest(fs, root)
+        self.url, self.split, self.seed, self.batch_size = path_or_url, split, seed, batch_size
+        self.shards = self.manifest.split(split).shards
+        self.counts = [s.samples for s in self.shards]
+        self.total = sum(self.counts)
+        self.cache = ShardCache(path_or_url, self.shards, storage_options, cache_dir, cache_limit, retries)
+        if shuffle_block is None:
+            shuffle_block = 0 if self.cache.local and self.manifest.format == "arrow" else DEFAULT_BLOCK_SHARDS
+        if shuffle_block < 0:
+            raise ValueError(f"shuffle_block must be >= 0, got {shuffle_block}")
+        self.shuffle_mode = "none" if not shuffle else "full" if shuffle_block == 0 else "block"
+        self.block_shards = max(1, min(shuffle_block, len(self.shards)))
+        if cache_limit is not None and self.shuffle_mode != "none":
+            block = sorted((s.bytes for s in self.shards), reverse=True)[: self.block_shards * 2 if self.shuffle_mode == "block" else None]
+            if cache_limit < sum(block):
+                raise ValueError(
+                    f"cache_limit {cache_limit} bytes cannot hold the shards one shuffle window needs ({sum(block)} "
+                    f"bytes); raise cache_limit or lower shuffle_block (now {shuffle_block})"
+                )
+        dist_rank, dist_world = _distributed()
+        self.rank = dist_rank if rank is None else rank
+        self.world_size = dist_world if world_size is None else world_size
+        self.epoch, self.position = 0, 0
+        self.partition()  # validates rank, world size and batch size now rather than in a worker
+
+    # ------------------------------------------------------------ place in the epoch
+
+    def partition(self) -> Partition:
+        return Partition(self.total, self.position, self.batch_size, self.world_size, self.rank)
+
+    def order(self) -> EpochOrder:
+        return EpochOrder(self.counts, self.seed, self.epoch, self.shuffle_mode, self.block_shards)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning, unless it is the epoch already in progress (a resumed one)."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def __len__(self) -> int:
+        """Samples this rank yields in a whole epoch (the remainder rule drops the tail)."""
+        return self.total // (self.batch_size * self.world_size) * self.batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "samples": self.total,
+            "epoch": self.epoch,
+            "position": self.position,  # samples of the epoch's global order already consumed
+            "seed": self.seed,
+            "shuffle": self.shuffle_mode,
+            "shuffle_block": self.block_shards if self.shuffle_mode == "block" else 0,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the place in `state`; the order must be the one it was saved under, the topology need not."""
+        expected = {k: v for k, v in self.state_dict().items() if k not in ("epoch", "position")}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(f"loader state has {key}={state.get(key)!r} but this dataset has {key}={value!r}")
+        if not 0 <= state["position"] <= self.total:
+            raise ValueError(f"loader state position {state['position']} is outside the split of {self.total} samples")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    # ------------------------------------------------------------ reading
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """This worker's batches of the rest of the epoch, as (batch index within this pass, arrays)."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        part, order = self.partition(), self.order()
+        reader = _ShardReader(self, capacity=self._open_shards_needed(part))
+        ahead = self._prefetch_span(part)
+        prefetched = part.start
+        for j in part.worker_batches(worker, workers):
+            lo, hi = part.positions(j)
+            if prefetched < min(self.total, lo + ahead):  # request the next span in one go, not per batch
+                end = min(self.total, lo + 2 * ahead)
+                self.cache.prefetch(order.shards(prefetched, end))
+                prefetched = end
+            ids = order.ids(lo, hi)
+            yield j, reader.gather(ids, order)
+
+    def _prefetch_span(self, part: Partition) -> int:
+        """Positions whose shards to have on disk ahead of the reader: a block, or two shards' worth."""
+        if self.shuffle_mode == "block":
+            return int(np.diff(self.order().block_starts).max())
+        return max(2 * max(self.counts), part.global_batch)
+
+    def _open_shards_needed(self, part: Partition) -> int:
+        if self.shuffle_mode == "full":
+            return len(self.shards)
+        per_batch = math.ceil(part.global_batch / max(1, min(self.counts))) + 1
+        return (2 * self.block_shards if self.shuffle_mode == "block" else 2) + per_batch
+
+
+class _ShardReader:
+    """Decoded shards of one pass (memory maps for Arrow, arrays for tar), least recently used dropped first."""
+
+    def __init__(self, ds: StreamingDataset, capacity: int):
+        self.ds, self.capacity = ds, capacity
+        self.open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        m = ds.manifest
+        self.columns = {formats.TOKENS: np.dtype(m.dtype), **{c: np.dtype(t) for c, t in m.columns.items()}}
+
+    def shard(self, i: int) -> dict[str, np.ndarray]:
+        if i in self.open:
+            self.open.move_to_end(i)
+            return self.open[i]
+        path = self.ds.cache.path(i)
+        name = self.ds.cache.shard_url(i)
+        try:
+            arrays = formats.decode(self.ds.manifest.format, path, name)
+        except formats.ShardFormatError as e:
+            raise VerifyError(str(e)) from e
+        check_shard_arrays(self.ds.manifest, self.ds.shards[i], arrays, name, scan_tokens=False)
+        self.open[i] = arrays
+        if len(self.open) > self.capacity:
+            self.open.popitem(last=False)
+        return arrays
+
+    def gather(self, ids: np.ndarray, order: EpochOrder) -> dict[str, np.ndarray]:
+        """Rows for `ids`, sorted by sample id: the batch is the same set, and each shard becomes one take."""
+        ids = np.sort(ids)
+        cuts = np.searchsorted(ids, order.offsets)  # where each shard's ids begin in the batch
+        out = {c: np.empty((len(ids), self.ds.manifest.window) if c == formats.TOKENS else len(ids), dtype=t)
+               for c, t in self.columns.items()}
+        for s in np.flatnonzero(cuts[1:] > cuts[:-1]):
+            lo, hi = cuts[s], cuts[s + 1]
+            rows = ids[lo:hi] - order.offsets[s]
+            src = self.shard(int(s))
+            for c in out:
+                np.take(src[c], rows, axis=0, out=out[c][lo:hi])
+        out["sample_id"] = ids.astype(np.int64, copy=False)
+        return out

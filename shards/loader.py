@@ -1,0 +1,95 @@
+"""StreamingDataLoader: a torch DataLoader over StreamingDataset that knows its place in the epoch.
+
+Workers send whole numpy batches (one pickle per batch, no per-sample hand-off, no shared-memory tensor per
+sample); the main process checks they arrive in order, turns them into tensors without copying, and counts
+what it has *delivered to the caller*: batches prefetched by workers but not yet handed out are not
+consumed, so a checkpoint taken inside the training loop resumes exactly after the last batch trained on.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from shards.dataset import StreamingDataset
+
+
+def _as_is(batch: Any) -> Any:
+    """DataLoader's default conversion would make tensors in the worker and pass each through shared memory."""
+    return batch
+
+
+def _worker_context(dataset: StreamingDataset, num_workers: int) -> multiprocessing.context.BaseContext | None:
+    """Remote data: forkserver, since fsspec/s3fs clients and their event-loop threads do not survive fork.
+    The server imports torch and this package once, so each worker starts in milliseconds, not seconds."""
+    if num_workers == 0 or dataset.cache.local:
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "shards.loader"])
+    return ctx
+
+
+class StreamingDataLoader(DataLoader):
+    """Yields dicts of tensors: `input_ids` (batch, window) int64, `sample_id` int64, and any extra columns.
+
+    `batch_size` is the per-rank batch; it overrides the dataset's, since the partition is cut in batches.
+    """
+
+    def __init__(
+        self,
+        dataset: StreamingDataset,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        *,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        timeout: float = 0,
+        multiprocessing_context: Any = None,
+    ):
+        if batch_size is not None:
+            dataset.batch_size = batch_size
+        dataset.partition()  # fail here, not in a worker, on a bad batch size
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_as_is,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+            timeout=timeout,
+            multiprocessing_context=multiprocessing_context or _worker_context(dataset, num_workers),
+        )
+
+    def __len__(self) -> int:
+        """Batches per whole epoch on this rank."""
+        return len(self.dataset) // self.dataset.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        ds: StreamingDataset = self.dataset
+        part = ds.partition()
+        it = super().__iter__()
+        try:
+            for expected, (j, arrays) in enumerate(it):
+                if j != expected:
+                    raise RuntimeError(f"loader workers delivered batch {j} where batch {expected} was due")
+                arrays["input_ids"] = arrays["input_ids"].astype(np.int64)  # numpy widens uint16 20x faster than torch
+                batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
+                ds.position = part.start + (j + 1) * part.global_batch
+                yield batch
+        finally:
+            # Stop workers now, on a break or an error too. Left to the garbage collector, torch's shutdown
+            # can find its queues already finalised and wait 5 s per worker.
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        ds.epoch, ds.position = ds.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small and JSON-serialisable: the epoch, the position in its global order and what fixes the order."""
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
