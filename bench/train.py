@@ -1,7 +1,11 @@
-"""Trainer benchmarks on CPU: blotching vs a training step, and vectorised blotching vs the Python reference.
+"""Trainer benchmarks on CPU, in one run:
 
-Run `python bench/train.py` (part of `make bench`). Targets (issue 4): blotching <= 5 % of a step.
-Timings on a shared 2-core machine vary by +-30 %: each figure is the median of several repeats.
+  (a) pipeline overhead: the full trainer's step reading shards through the streaming loader vs the same
+      model and step fed the same batches from memory (target <= 5 %), with 0 and 2 loader workers;
+  (b) blotching cost per batch vs a training step (target <= 5 %), and vectorised vs the Python reference.
+
+Run `python bench/train.py` (part of `make bench`). Timings on a shared 2-core machine vary by +-30 %: the
+two pipelines alternate in short rounds and each figure is a median over steps.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -24,6 +29,7 @@ from train.loss import token_loss  # noqa: E402
 from train.model import build_model  # noqa: E402
 
 CMP_LEN, SEQ_LEN = 16, 48
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
@@ -37,7 +43,7 @@ def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def bench_blotch() -> None:
+def bench_blotch() -> dict[str, float]:
     cfg = load_config(os.path.join(ROOT, "configs", "arithmetic.json"))
     torch.manual_seed(0)
     rows = torch.from_numpy(arithmetic_rows(cfg.batch_size, CMP_LEN, SEQ_LEN).astype("int64"))
@@ -70,6 +76,47 @@ def bench_blotch() -> None:
     return {"blotch_ms": t_vec * 1e3, "reference_ms": t_ref * 1e3, "step_ms": t_step * 1e3}
 
 
+class MemoryStream:
+    """Stands in for the trainer's TrainStream: the same (pass, batch) pairs, already in memory."""
+
+    def __init__(self, items: list):
+        self.items, self.i = items, 0
+
+    def next(self):
+        self.i += 1
+        return self.items[(self.i - 1) % len(self.items)]
+
+
+def bench_pipeline(n_workers: int, rounds: int = 6, steps: int = 8) -> dict[str, float]:
+    from tests.conftest import write_dataset
+    from train.loop import build, train_step
+
+    tmp = tempfile.mkdtemp(prefix="bench-train-")
+    write_dataset(f"{tmp}/arith", {"train": 8000, "val": 100}, cmp_len=CMP_LEN, seq_len=SEQ_LEN,
+                  content="arithmetic", samples_per_shard=1000)
+    cfg = load_config(os.path.join(ROOT, "configs", "arithmetic.json")).replace(
+        data_root=tmp, dataset="arith", name=None, cmp_len=None, seq_len=None, n_workers=n_workers)
+    for sub in "abc":
+        os.makedirs(f"{tmp}/{sub}")
+    shards_run, memory_run = build(cfg, f"{tmp}/a", None), build(cfg, f"{tmp}/b", None)
+    memory_run.stream = MemoryStream([build(cfg, f"{tmp}/c", None).stream.next() for _ in range(steps * rounds)])
+    times: dict[str, list[float]] = {"shards": [], "memory": []}
+    for _ in range(rounds):
+        for name, run in (("shards", shards_run), ("memory", memory_run)):
+            for _ in range(steps):
+                t = time.perf_counter()
+                train_step(run)
+                times[name].append(time.perf_counter() - t)
+    t_shards, t_memory = statistics.median(times["shards"][steps:]), statistics.median(times["memory"][steps:])
+    print(f"pipeline, batch {cfg.batch_size} x {CMP_LEN + SEQ_LEN} arithmetic windows, {n_workers} loader workers, "
+          f"median of {steps * (rounds - 1)} steps each")
+    print(f"  step reading shards    {t_shards * 1e3:8.2f} ms")
+    print(f"  step from memory       {t_memory * 1e3:8.2f} ms")
+    print(f"  pipeline overhead      {100 * (t_shards / t_memory - 1):8.2f} %          (target <= 5 %)")
+    return {"shards_ms": t_shards * 1e3, "memory_ms": t_memory * 1e3}
+
+
 if __name__ == "__main__":
-    results = {"blotch": bench_blotch()}
+    results = {f"pipeline_{w}_workers": bench_pipeline(w) for w in (0, 2)}
+    results["blotch"] = bench_blotch()
     print(json.dumps(results))
