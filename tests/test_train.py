@@ -43,10 +43,10 @@ def run_inline(cfg: Config) -> tuple[str, list[dict]]:
     return folder, read_metrics(folder)
 
 
-def cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def cli(args: list[str], **env: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def write_cfg(tmp_path, cfg: Config, name: str = "cfg.json") -> str:
@@ -175,3 +175,17 @@ def test_init_checkpt_loads_weights_only(arith, tmp_path):
     for k, v in checkpoint.load(first)["model"].items():
         assert torch.equal(run.model.state_dict()[k], v)
     assert run.progress.step == 0 and run.opt.state_dict()["state"] == {}
+
+
+def test_multi_gpu_without_gpus_says_how_to_run_on_cpu(arith, tmp_path):
+    p = cli(["-m", "train", write_cfg(tmp_path, config(arith, tmp_path, multi_gpu=True))], CUDA_VISIBLE_DEVICES="")
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "no visible GPU; on CPU use torchrun --nproc_per_node N -m train" in out
+
+
+@pytest.mark.slow
+def test_loader_workers_do_not_change_the_run(arith, tmp_path):
+    kw = dict(n_train_loops=4, n_epochs=2, n_grad_loops=2, drop_p=0.1)
+    _, a = run_inline(config(arith, tmp_path, exp_name="w0", n_workers=0, **kw))
+    _, b = run_inline(config(arith, tmp_path, exp_name="w2", n_workers=2, **kw))
+    close(a, b)
