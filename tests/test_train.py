@@ -189,3 +189,15 @@ def test_loader_workers_do_not_change_the_run(arith, tmp_path):
     _, a = run_inline(config(arith, tmp_path, exp_name="w0", n_workers=0, **kw))
     _, b = run_inline(config(arith, tmp_path, exp_name="w2", n_workers=2, **kw))
     close(a, b)
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    folder = checkpoint.new_run_folder(str(tmp_path), "x")
+    for step in (3, 6, 9, 12):
+        checkpoint.save(folder, step, {"step": step}, keep=2)
+    assert [s for s, _ in checkpoint.checkpoints(folder)] == [9, 12]
+    assert checkpoint.load(folder) == {"step": 12}
+    open(os.path.join(folder, "checkpt_15.pt.tmp-deadbeef"), "wb").write(b"half a file")
+    checkpoint.remove_partial_writes(folder)
+    assert sorted(os.listdir(folder)) == ["checkpt_12.pt", "checkpt_9.pt", "latest"]
+    assert checkpoint.new_run_folder(str(tmp_path), "x").endswith("x_1")
