@@ -201,3 +201,22 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     checkpoint.remove_partial_writes(folder)
     assert sorted(os.listdir(folder)) == ["checkpt_12.pt", "checkpt_9.pt", "latest"]
     assert checkpoint.new_run_folder(str(tmp_path), "x").endswith("x_1")
+
+
+@pytest.mark.slow
+def test_multi_gpu_relaunches_through_the_elastic_launcher(arith, tmp_path):
+    """`python -m train` with multi_gpu starts one process per visible GPU via torch.distributed.run. Two GPUs
+    are faked in the parent only; the children find no CUDA and run on CPU with gloo, like the real path."""
+    cfg = write_cfg(tmp_path, config(arith, tmp_path, exp_name="elastic", multi_gpu=True, n_train_loops=2,
+                                      n_epochs=1))
+    code = ("import torch\n"
+            "torch.cuda.device_count = lambda: 2\n"
+            "from train.__main__ import main\n"
+            f"assert main([{cfg!r}]) == 0\n")
+    p = cli(["-c", code])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    folder = os.path.join(tmp_path, "runs", "elastic")
+    assert os.listdir(folder) == ["elastic_0"]
+    assert json.load(open(os.path.join(folder, "elastic_0", "hyperparams.json")))["world_size"] == 2
+    assert [r["split"] for r in read_metrics(os.path.join(folder, "elastic_0"))] == ["train", "train", "val"]
