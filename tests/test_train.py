@@ -76,7 +76,8 @@ def test_outputs_and_learning(arith, tmp_path):
     assert all(r["ppl"] == pytest.approx(2.718281828 ** r["loss"]) for r in val)
     train_rows = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train_rows] == list(range(1, 25))
-    assert all(0.05 < r["blotch_frac"] < 0.4 for r in train_rows) and all(r["blotch_frac"] == 0 for r in val)
+    fracs = [r["blotch_frac"] for r in train_rows]
+    assert min(fracs) > 0 and 0.05 < sum(fracs) / len(fracs) < 0.3 and all(r["blotch_frac"] == 0 for r in val)
     assert train_rows[0]["lr"] == pytest.approx(cfg.lr / 2)  # warmup
     log = open(os.path.join(folder, "training_log.txt")).read()
     assert "⟦" in log and "‖" in log and "val loss" in log
