@@ -221,3 +221,17 @@ def test_multi_gpu_relaunches_through_the_elastic_launcher(arith, tmp_path):
     assert os.listdir(folder) == ["elastic_0"]
     assert json.load(open(os.path.join(folder, "elastic_0", "hyperparams.json")))["world_size"] == 2
     assert [r["split"] for r in read_metrics(os.path.join(folder, "elastic_0"))] == ["train", "train", "val"]
+
+
+def test_config_resolved_against_the_manifest(arith, tmp_path):
+    from train.config import ConfigError
+    from train.data import open_manifest, resolve
+
+    cfg = config(arith, tmp_path)
+    resolved = resolve(cfg, *open_manifest(cfg))
+    assert (resolved.cmp_len, resolved.seq_len, resolved.separator_ids) == (16, 32, [2])
+    assert resolve(cfg.replace(separator_ids=[5, 7]), *open_manifest(cfg)).separator_ids == [5, 7]
+    with pytest.raises(ConfigError, match=r"'separator_ids': \[99\] outside the vocabulary of 18"):
+        resolve(cfg.replace(separator_ids=[5, 99]), *open_manifest(cfg))
+    with pytest.raises(ConfigError, match="'seq_len': 31 differs from 32"):
+        resolve(cfg.replace(seq_len=31), *open_manifest(cfg))
