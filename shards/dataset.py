@@ -40,7 +40,9 @@ class StreamingDataset(IterableDataset):
     `shuffle_block` picks the shuffle: 0 permutes the whole split (the default for local Arrow, where memory
     maps make any access pattern cheap); k > 0 shuffles within blocks of k shards (the default, 16, for
     remote or WebDataset data, so a node only needs a block's shards at a time). `cache_limit` (bytes) must
-    hold two blocks (the one being read and the one being prefetched), or the whole split for a full shuffle. The state never includes `storage_options`, which may hold credentials.
+    hold two blocks (the one being read and the one being prefetched), or the whole split for a full shuffle.
+    `retries` and `download_threads` (per process) tune remote reads: against a local S3 server on 2 cores
+    2 threads beat 4 and 8; a real object store, where each connection is slow, wants more. The state never includes `storage_options`, which may hold credentials.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class StreamingDataset(IterableDataset):
         cache_limit: int | None = None,
         shuffle_block: int | None = None,
         retries: int = 4,
+        download_threads: int = 2,
     ):
         fs, root = storage.open_fs(path_or_url, storage_options)
         self.manifest = load_manifest(fs, root)
@@ -65,7 +68,9 @@ class StreamingDataset(IterableDataset):
         self.shards = self.manifest.split(split).shards
         self.counts = [s.samples for s in self.shards]
         self.total = sum(self.counts)
-        self.cache = ShardCache(path_or_url, self.shards, storage_options, cache_dir, cache_limit, retries)
+        self.cache = ShardCache(
+            path_or_url, self.shards, storage_options, cache_dir, cache_limit, retries, prefetch_threads=download_threads
+        )
         if shuffle_block is None:
             shuffle_block = 0 if self.cache.local and self.manifest.format == "arrow" else DEFAULT_BLOCK_SHARDS
         if shuffle_block < 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import time
@@ -64,15 +65,19 @@ def test_s3_cache_limit_and_prefetch(s3_bucket, make_dataset, tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("fmt", ["arrow", "webdataset"])
-def test_s3_workers_exactly_once(s3_bucket, make_dataset, tmp_path, fmt):
-    """Workers get their own clients (forkserver); two ranks share one cache folder."""
+@pytest.mark.parametrize("fmt,context", [("arrow", None), ("webdataset", "forkserver")])
+def test_s3_workers_exactly_once(s3_bucket, make_dataset, tmp_path, fmt, context):
+    """Forked or forkserver workers make their own clients; two ranks share one cache folder."""
+    if context == "forkserver":  # the server imports torch once, not each worker
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "shards.dataset"])
     url, opts = s3_bucket
     make_dataset(f"{url}/ds", {"train": 90}, fmt=fmt, samples_per_shard=7, vocab_size=VOCAB, storage_options=opts)
     seen = []
     for rank in range(2):
         ds = StreamingDataset(f"{url}/ds", rank=rank, world_size=2, storage_options=opts, cache_dir=str(tmp_path))
-        seen += read_all(ds, 5, workers=2)
+        for batch in StreamingDataLoader(ds, batch_size=5, num_workers=2, multiprocessing_context=context):
+            seen += check_batch(batch, 5)
     assert len(seen) == len(set(seen)) == 90
 
 
