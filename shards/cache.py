@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from shards import storage
 from shards.manifest import ShardInfo
-from shards.verify import VerifyError, check_shard_bytes
+from shards.verify import VerifyError, check_shard_bytes, check_shard_size
 
 CACHE_SUFFIXES = (".arrow", ".tar", ".part")
 
@@ -54,7 +54,7 @@ class ShardCache:
         cache_limit: int | None = None,
         retries: int = 4,
         backoff: float = 0.5,
-        prefetch_threads: int = 4,
+        prefetch_threads: int = 2,
     ):
         self.url, self.shards, self.storage_options = url, shards, storage_options
         self.cache_limit, self.retries, self.backoff = cache_limit, retries, backoff
@@ -121,8 +121,7 @@ class ShardCache:
             size = os.path.getsize(path)
         except FileNotFoundError:
             raise VerifyError(f"{path}: missing") from None
-        if size != self.shards[i].bytes:
-            raise VerifyError(f"{path}: {size} bytes, manifest says {self.shards[i].bytes} (truncated or replaced)")
+        check_shard_size(self.shards[i], size, path)
         return path
 
     # ------------------------------------------------------------ remote

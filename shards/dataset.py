@@ -8,6 +8,7 @@ both formats and all storages.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from typing import Any, Iterator
@@ -42,7 +43,8 @@ class StreamingDataset(IterableDataset):
     remote or WebDataset data, so a node only needs a block's shards at a time). `cache_limit` (bytes) must
     hold two blocks (the one being read and the one being prefetched), or the whole split for a full shuffle.
     `retries` and `download_threads` (per process) tune remote reads: against a local S3 server on 2 cores
-    2 threads beat 4 and 8; a real object store, where each connection is slow, wants more. The state never includes `storage_options`, which may hold credentials.
+    2 threads beat 4 and 8; a real object store, where each connection is slow, wants more.
+    The state never includes `storage_options`, which may hold credentials.
     """
 
     def __init__(
@@ -68,6 +70,8 @@ class StreamingDataset(IterableDataset):
         self.shards = self.manifest.split(split).shards
         self.counts = [s.samples for s in self.shards]
         self.total = sum(self.counts)
+        # a resumed position only means something for the same shards: a rewritten dataset is refused
+        self.fingerprint = hashlib.sha256("".join(s.sha256 for s in self.shards).encode()).hexdigest()[:16]
         self.cache = ShardCache(
             path_or_url, self.shards, storage_options, cache_dir, cache_limit, retries, prefetch_threads=download_threads
         )
@@ -78,7 +82,8 @@ class StreamingDataset(IterableDataset):
         self.shuffle_mode = "none" if not shuffle else "full" if shuffle_block == 0 else "block"
         self.block_shards = max(1, min(shuffle_block, len(self.shards)))
         if cache_limit is not None and self.shuffle_mode != "none":
-            block = sorted((s.bytes for s in self.shards), reverse=True)[: self.block_shards * 2 if self.shuffle_mode == "block" else None]
+            window = self.block_shards * 2 if self.shuffle_mode == "block" else None
+            block = sorted((s.bytes for s in self.shards), reverse=True)[:window]
             if cache_limit < sum(block):
                 raise ValueError(
                     f"cache_limit {cache_limit} bytes cannot hold the shards one shuffle window needs ({sum(block)} "
@@ -112,6 +117,7 @@ class StreamingDataset(IterableDataset):
             "version": STATE_VERSION,
             "split": self.split,
             "samples": self.total,
+            "data": self.fingerprint,
             "epoch": self.epoch,
             "position": self.position,  # samples of the epoch's global order already consumed
             "seed": self.seed,
