@@ -46,12 +46,13 @@ class StreamingDataLoader(DataLoader):
         if batch_size is not None:
             dataset.batch_size = batch_size
         dataset.partition()  # fail here, not in a worker, on a bad batch size
+        # Pinning happens here, after the tensors exist: DataLoader's pin thread would see numpy arrays.
+        self.pin = pin_memory and torch.cuda.is_available()
         super().__init__(
             dataset,
             batch_size=None,
             num_workers=num_workers,
             collate_fn=_as_is,
-            pin_memory=pin_memory,
             prefetch_factor=prefetch_factor,
             timeout=timeout,
             multiprocessing_context=multiprocessing_context,
@@ -64,7 +65,7 @@ class StreamingDataLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         ds: StreamingDataset = self.dataset
         part = ds.partition()
-        # In-process reading skips DataLoader's per-batch machinery: a third of the cost of a small batch.
+        # In-process reading skips DataLoader's per-batch fetcher and profiler hooks.
         it = super().__iter__() if self.num_workers > 0 else iter(ds)
         try:
             for expected, (j, arrays) in enumerate(it):
@@ -72,7 +73,7 @@ class StreamingDataLoader(DataLoader):
                     raise RuntimeError(f"loader workers delivered batch {j} where batch {expected} was due")
                 arrays["input_ids"] = arrays["input_ids"].astype(np.int64)  # numpy widens uint16 20x faster than torch
                 batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
-                if self.pin_memory and self.num_workers == 0:
+                if self.pin:
                     batch = {k: v.pin_memory() for k, v in batch.items()}
                 ds.position = part.start + (j + 1) * part.global_batch
                 yield batch
