@@ -5,8 +5,8 @@
 Every loader shuffles and yields batches of `--batch` windows; a run stops after one epoch or `--budget`
 seconds, whichever comes first, and the rate includes start-up (worker processes, index building), which a
 training job pays every epoch. Rows:
-  ours            StreamingDataset + StreamingDataLoader on local Arrow (full shuffle) and on S3 (block shuffle,
-                  cold cache, so the download, sha256 check and cache write are inside the figure)
+  ours            StreamingDataset + StreamingDataLoader on local Arrow (full shuffle) and on S3 (block shuffle;
+                  cold cache: the download, sha256 check and cache write are inside the figure; then warm)
   hf-datasets     `load_from_disk` + torch DataLoader(shuffle=True), torch format
   webdataset      WebDataset(shardshuffle) + .shuffle(1000) + WebLoader, on the same windows as tar shards
   mosaic          MosaicML streaming (`mosaicml-streaming` or `streaming-community`), MDS shards
@@ -42,7 +42,6 @@ from shards.shuffle import EpochOrder  # noqa: E402
 
 WINDOW = 1024
 SAMPLES_PER_SHARD = 2000  # 4 MB Arrow shards: 25 shards for 50k windows, enough for a block shuffle to matter
-RESULTS: list[tuple[str, float]] = []
 
 
 # ---------------------------------------------------------------- data, written once per format
@@ -78,9 +77,12 @@ def measure(name: str, batches: Callable[[], Iterable], size: Callable[[object],
         n += size(batch)
         if n >= total or time.perf_counter() - t0 > budget:
             break
-    rate = n / (time.perf_counter() - t0)
-    RESULTS.append((name, rate))
-    print(f"  {name:<34} {rate:>11,.0f} samples/s {rate * WINDOW / 1e6:>8.1f} M tokens/s   ({n} samples)", flush=True)
+    report(name, n / (time.perf_counter() - t0), f"{n} samples")
+
+
+def report(name: str, rate: float, note: str) -> None:
+    print(f"  {name:<34} {rate:>11,.0f} samples/s {rate * WINDOW / 1e6:>8.1f} M tokens/s   ({note})", flush=True)
+    print(f"RESULT\t{name}\t{rate}", flush=True)
 
 
 def skipped(name: str, why: str) -> None:
@@ -202,7 +204,7 @@ def _litdata_chunk(args):
     return torch.from_numpy(np.load(path, mmap_mode="r")[i * SAMPLES_PER_SHARD : (i + 1) * SAMPLES_PER_SHARD].reshape(-1).astype(np.int32))
 
 
-def bench_litdata(tokens: np.ndarray, work: str, batch: int, total: int, budget: float) -> None:
+def bench_litdata(work: str, batch: int, total: int, budget: float) -> None:
     try:
         stub_torchvision()
         import litdata
@@ -210,8 +212,7 @@ def bench_litdata(tokens: np.ndarray, work: str, batch: int, total: int, budget:
     except Exception as e:
         return skipped("litdata", f"{type(e).__name__}: {e}")
     src, out = os.path.join(work, "tokens.npy"), os.path.join(work, "litdata")
-    np.save(src, tokens)
-    litdata.optimize(fn=_litdata_chunk, inputs=[(src, i) for i in range(math.ceil(len(tokens) / SAMPLES_PER_SHARD))],
+    litdata.optimize(fn=_litdata_chunk, inputs=[(src, i) for i in range(math.ceil(total / SAMPLES_PER_SHARD))],
                      output_dir=out, chunk_bytes="64MB", item_loader=TokensLoader(), num_workers=1, verbose=False)
     for workers in (0, 2):
         def run():
@@ -261,35 +262,61 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start")
 
 
-def bench_s3(local_root: str, work: str, batch: int, total: int, budget: float) -> None:
-    try:
-        import s3fs  # noqa: F401
-        proc, endpoint = start_moto()
-    except Exception as e:
-        return skipped("s3", f"{type(e).__name__}: {e}")
-    try:
-        opts = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint}}
-        fs, _ = storage.open_fs("s3://bench", opts)
-        fs.mkdir("bench")
-        fs.put(local_root + "/", "bench/ds", recursive=True)
-        paths = sorted(fs.find("bench/ds/train"))
-        fresh, _ = storage.open_fs("s3://bench", {**opts, "skip_instance_cache": True})
-        t0 = time.perf_counter()
-        nbytes = sum(len(fresh.cat_file(p)) for p in paths)
-        dt = time.perf_counter() - t0
-        rate = total / dt
-        RESULTS.append(("s3 cat_file", rate))
-        print(f"  {'s3 cat_file, shard after shard':<34} {rate:>11,.0f} samples/s {rate * WINDOW / 1e6:>8.1f} M tokens/s   ({nbytes / dt / 1e6:.0f} MB/s)")
-        for workers in (0, 2):
+def bench_s3(endpoint: str, work: str, batch: int, total: int, budget: float) -> None:
+    from shards import StreamingDataLoader, StreamingDataset
+
+    opts = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint}}
+    fs, _ = storage.open_fs("s3://bench", opts)
+    t0 = time.perf_counter()
+    nbytes = sum(len(fs.cat_file(p)) for p in sorted(fs.find("bench/ds/train")))
+    dt = time.perf_counter() - t0
+    report("s3 cat_file, shard after shard", total / dt, f"{nbytes / dt / 1e6:.0f} MB/s")
+    for workers in (0, 2):
+        cache = tempfile.mkdtemp(dir=work)
+        for temperature in ("cold", "warm"):  # cold: every shard is downloaded inside the measurement
             def run():
-                from shards import StreamingDataLoader, StreamingDataset
-                cache = tempfile.mkdtemp(dir=work)  # cold: every shard is downloaded inside the measurement
                 ds = StreamingDataset("s3://bench/ds", seed=0, storage_options=opts, cache_dir=cache)
                 return StreamingDataLoader(ds, batch_size=batch, num_workers=workers)
-            measure(f"ours s3, block shuffle ({workers} workers)", run, lambda b: len(b["sample_id"]), total, budget)
-    finally:
-        proc.terminate()
-        proc.wait()
+            measure(f"ours s3 {temperature} cache ({workers} workers)", run, lambda b: len(b["sample_id"]), total, budget)
+
+
+def upload(endpoint: str, local_root: str) -> None:
+    opts = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint}}
+    fs, _ = storage.open_fs("s3://bench", opts)
+    fs.mkdir("bench")
+    fs.put(local_root + "/", "bench/ds", recursive=True)
+
+
+GROUPS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "ours": lambda a: bench_ours(os.path.join(a.work, "arrow"), "arrow, full shuffle", a.batch, a.samples, a.budget),
+    "raw": lambda a: bench_raw(os.path.join(a.work, "arrow"), a.batch, a.samples, a.budget),
+    "hf": lambda a: bench_hf(load_tokens(a.work), a.work, a.batch, a.samples, a.budget),
+    "webdataset": lambda a: bench_webdataset(os.path.join(a.work, "wds"), a.batch, a.samples, a.budget),
+    "mosaic": lambda a: bench_mosaic(load_tokens(a.work), a.work, a.batch, a.samples, a.budget),
+    "litdata": lambda a: bench_litdata(a.work, a.batch, a.samples, a.budget),
+    "s3": lambda a: bench_s3(a.endpoint, a.work, a.batch, a.samples, a.budget),
+}
+
+
+def load_tokens(work: str) -> np.ndarray:
+    return np.load(os.path.join(work, "tokens.npy"), mmap_mode="r")
+
+
+def run_group(group: str, args: argparse.Namespace, work: str, endpoint: str) -> dict[str, float]:
+    """Each library in a fresh interpreter: no threads, shared memory or imports left over from another."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--group", group, "--work", work, "--endpoint", endpoint,
+           "--samples", str(args.samples), "--batch", str(args.batch), "--budget", str(args.budget)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    rates = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT\t"):
+            _, name, rate = line.split("\t")
+            rates[name] = float(rate)
+        elif line.strip():
+            print(line, flush=True)
+    if proc.returncode:
+        print(f"  {group}: exited with status {proc.returncode}", flush=True)
+    return rates
 
 
 def main() -> None:
@@ -297,41 +324,56 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=50_000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--budget", type=float, default=8.0, help="seconds per run at most")
+    ap.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)  # one group, in a child process
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.group:
+        return GROUPS[args.group](args)
     work = tempfile.mkdtemp(prefix="bench-loader-")
+    moto = None
     try:
         t0 = time.perf_counter()
         tokens = make_tokens(args.samples)
-        arrow, tar = os.path.join(work, "arrow"), os.path.join(work, "wds")
-        write_ours(arrow, tokens, "arrow")
-        write_ours(tar, tokens, "webdataset")
+        np.save(os.path.join(work, "tokens.npy"), tokens)
+        write_ours(os.path.join(work, "arrow"), tokens, "arrow")
+        write_ours(os.path.join(work, "wds"), tokens, "webdataset")
         print(f"{args.samples} windows x {WINDOW} uint16 tokens, batch {args.batch}, {os.cpu_count()} CPUs; "
-              f"data written in {time.perf_counter() - t0:.1f} s")
-        counts = [min(SAMPLES_PER_SHARD, args.samples - i) for i in range(0, args.samples, SAMPLES_PER_SHARD)]
-        n, b, budget = args.samples, args.batch, args.budget
+              f"data written in {time.perf_counter() - t0:.1f} s; each library runs in a fresh interpreter")
+        rates: dict[str, float] = {}
         print("\nlocal disk:")
-        bench_ours(arrow, "arrow, full shuffle", b, n, budget)
-        bench_raw(arrow, b, n, budget)
-        bench_hf(tokens, work, b, n, budget)
-        bench_webdataset(tar, b, n, budget)
-        bench_mosaic(tokens, work, b, n, budget)
-        bench_litdata(tokens, work, b, n, budget)
+        for group in ("ours", "raw", "hf", "webdataset", "mosaic", "litdata"):
+            rates |= run_group(group, args, work, "")
         print("\nS3 (moto server on 127.0.0.1, its own process):")
-        bench_s3(arrow, work, b, n, budget)
-        shuffle_quality(counts, b)
-        rates = dict(RESULTS)
-        ours = max(r for k, r in rates.items() if k.startswith("ours arrow"))
-        peers = {k: r for k, r in rates.items() if not k.startswith(("ours", "raw", "s3"))}
-        print("\nratios:")
-        if peers:
-            best = max(peers, key=peers.get)
-            print(f"  ours local / best peer ({best}): {ours / peers[best]:.2f}x   (target >= 1.0)")
-        print(f"  ours local / raw bulk read: {ours / rates['raw pyarrow mmap, contiguous']:.2f}x   (target >= 0.5)")
-        s3 = [r for k, r in rates.items() if k.startswith("ours s3")]
-        if s3 and "s3 cat_file" in rates:
-            print(f"  ours S3 / cat_file: {max(s3) / rates['s3 cat_file']:.2f}x   (target >= 0.8)")
+        try:
+            moto, endpoint = start_moto()
+            upload(endpoint, os.path.join(work, "arrow"))
+            rates |= run_group("s3", args, work, endpoint)
+        except Exception as e:
+            skipped("s3", f"{type(e).__name__}: {e}")
+        counts = [min(SAMPLES_PER_SHARD, args.samples - i) for i in range(0, args.samples, SAMPLES_PER_SHARD)]
+        shuffle_quality(counts, args.batch)
+        print_ratios(rates)
     finally:
+        if moto is not None:
+            moto.terminate()
+            moto.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def print_ratios(rates: dict[str, float]) -> None:
+    print("\nratios:")
+    ours = max((r for k, r in rates.items() if k.startswith("ours arrow")), default=None)
+    peers = {k: r for k, r in rates.items() if not k.startswith(("ours", "raw", "s3"))}
+    if ours and peers:
+        best = max(peers, key=peers.get)
+        print(f"  ours local / best peer ({best}): {ours / peers[best]:.2f}x   (target >= 1.0)")
+    raw = rates.get("raw pyarrow mmap, contiguous")
+    if ours and raw:
+        print(f"  ours local / raw bulk read: {ours / raw:.2f}x   (target >= 0.5)")
+    s3 = [r for k, r in rates.items() if k.startswith("ours s3 cold")]
+    if s3 and "s3 cat_file, shard after shard" in rates:
+        print(f"  ours S3, cold cache / cat_file: {max(s3) / rates['s3 cat_file, shard after shard']:.2f}x   (target >= 0.8)")
 
 
 if __name__ == "__main__":

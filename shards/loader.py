@@ -7,6 +7,7 @@ consumed, so a checkpoint taken inside the training loop resumes exactly after t
 """
 from __future__ import annotations
 
+import multiprocessing
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,15 +22,25 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
+def _default_context(dataset: StreamingDataset, num_workers: int) -> multiprocessing.context.BaseContext | None:
+    """Remote data: forkserver. Each worker makes its own client either way, but a fork copies every lock of
+    every thread in the parent (s3fs's event loop, aiohttp's resolver, other libraries' pools), and in the
+    benchmark, forking a process that had run other loaders left S3 workers stuck. The server imports torch
+    and the clients once, so a worker starts in well under a second."""
+    if num_workers == 0 or dataset.cache.local:
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "shards.dataset", "s3fs", "gcsfs"])  # missing ones are skipped
+    return ctx
+
+
 class StreamingDataLoader(DataLoader):
     """Yields dicts of tensors: `input_ids` (batch, window) int64, `sample_id` int64, and any extra columns.
 
     `batch_size` is the per-rank batch; it overrides the dataset's, since the partition is cut in batches.
-    Workers start with the platform's default method (fork on Linux): each creates its own filesystem client
-    and download threads on first use (see `cache.py`), so nothing that s3fs cannot share crosses the fork.
-    Measured against moto on 2 cores, fork started 2 S3 workers 1.2 s sooner than forkserver per epoch;
-    `multiprocessing_context` takes a forkserver or spawn context for code that must not fork at all (preload
-    torch there with `set_forkserver_preload(["torch", "shards.dataset"])`, or every worker imports it).
+    Workers on local data fork; on remote data they start from a forkserver (so a script needs the usual
+    `if __name__ == "__main__":` guard). Either way each worker creates its own filesystem client and download
+    threads on first use (see `cache.py`). `multiprocessing_context` overrides the choice.
     """
 
     def __init__(
@@ -55,7 +66,7 @@ class StreamingDataLoader(DataLoader):
             collate_fn=_as_is,
             prefetch_factor=prefetch_factor,
             timeout=timeout,
-            multiprocessing_context=multiprocessing_context,
+            multiprocessing_context=multiprocessing_context or _default_context(dataset, num_workers),
         )
 
     def __len__(self) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import socket
 import time
@@ -65,12 +64,10 @@ def test_s3_cache_limit_and_prefetch(s3_bucket, make_dataset, tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("fmt,context", [("arrow", None), ("webdataset", "forkserver")])
+@pytest.mark.parametrize("fmt,context", [("arrow", None), ("webdataset", "fork")])
 def test_s3_workers_exactly_once(s3_bucket, make_dataset, tmp_path, fmt, context):
-    """Forked or forkserver workers make their own clients; two ranks share one cache folder."""
-    if context == "forkserver":  # the server imports torch once, not each worker
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "shards.dataset"])
+    """Forkserver (the default for remote data) or forked workers make their own clients; two ranks share one
+    cache folder."""
     url, opts = s3_bucket
     make_dataset(f"{url}/ds", {"train": 90}, fmt=fmt, samples_per_shard=7, vocab_size=VOCAB, storage_options=opts)
     seen = []
