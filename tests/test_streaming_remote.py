@@ -59,6 +59,7 @@ def test_s3_cache_limit_and_prefetch(s3_bucket, make_dataset, tmp_path):
         watch()
     assert sorted(ids) == list(range(160))
     assert peak[0] <= limit + shard_bytes, f"cache held {peak[0]} bytes, limit {limit}"
+    assert opts["secret"] not in json.dumps(ds.state_dict()), "credentials in the loader state"
     with pytest.raises(ValueError, match="cache_limit .* cannot hold"):
         StreamingDataset(f"{url}/ds", storage_options=opts, cache_dir=str(cache), cache_limit=shard_bytes, shuffle_block=2)
 
