@@ -71,13 +71,19 @@ def write_ours(root: str, tokens: np.ndarray, fmt: str) -> None:
 
 
 def measure(name: str, batches: Callable[[], Iterable], size: Callable[[object], int], total: int, budget: float) -> None:
+    """Rate over the whole run, start-up included; also when the first batch came and the rate after it."""
     t0 = time.perf_counter()
-    n = 0
+    n = first_n = 0
+    first = None
     for batch in batches():
         n += size(batch)
+        if first is None:
+            first, first_n = time.perf_counter() - t0, n
         if n >= total or time.perf_counter() - t0 > budget:
             break
-    report(name, n / (time.perf_counter() - t0), f"{n} samples")
+    elapsed = time.perf_counter() - t0
+    after = (n - first_n) / max(elapsed - first, 1e-9) if first is not None else 0.0
+    report(name, n / elapsed, f"{n} samples; first batch {first or 0:.2f} s, then {after:,.0f}/s")
 
 
 def report(name: str, rate: float, note: str) -> None:

@@ -1,7 +1,7 @@
 """StreamingDataset: one rank's share of a split, as whole batches, in a global order that survives resumes.
 
-The dataset yields `(batch_index, arrays)` pairs: whole batches of numpy arrays, so the only per-sample work is
-numpy fancy indexing and loader workers hand one object per batch to the main process. `StreamingDataLoader`
+The dataset yields groups of `(batch_index, arrays)` pairs: whole batches of numpy arrays, so the only
+per-sample work is numpy fancy indexing, and loader workers hand one message per group to the main process. `StreamingDataLoader`
 turns them into tensors and keeps the place. Where the data sits (local path or fsspec URL) only changes how a
 shard reaches local disk (`cache.py`); order (`shuffle.py`) and partition (`partition.py`) are the same for
 both formats and all storages.
@@ -137,30 +137,27 @@ class StreamingDataset(IterableDataset):
 
     # ------------------------------------------------------------ reading
 
-    def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """This worker's batches of the rest of the epoch, as (batch index within this pass, arrays).
+    def __iter__(self) -> Iterator[list[tuple[int, dict[str, np.ndarray]]]]:
+        """This worker's batches of the rest of the epoch, as groups of (batch index within this pass, arrays).
 
-        Several batches are read at once: one pass over the shards they touch serves them all, which is what
-        takes per-shard Python work off the per-batch cost when a full shuffle spreads every batch over
-        every shard."""
+        A group is consecutive batches read in one pass over the shards they touch (per-shard Python work is
+        paid once per group, not per batch, when a full shuffle spreads every batch over every shard) and
+        handed to the main process as one message (the per-message cost of a DataLoader queue is ~100 us)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         part, order = self.partition(), self.order()
         reader = _ShardReader(self, capacity=self._open_shards_needed(part))
         ahead = self._prefetch_span(part)
-        mine = part.worker_batches(worker, workers)
-        per_read = self._batches_per_read(part, workers)
         prefetched = part.start
         try:
-            for first in range(0, len(mine), per_read):
-                js = mine[first : first + per_read]
+            for js in part.worker_groups(worker, workers, self._batches_per_read(part)):
                 spans = [part.positions(j) for j in js]
                 end = spans[-1][1]
                 if prefetched < min(self.total, end + ahead):  # request the next span in one go, not per batch
                     stop = min(self.total, end + 2 * ahead)
                     self.cache.prefetch(order.shards(prefetched, stop))
                     prefetched = stop
-                yield from zip(js, reader.gather([order.ids(lo, hi) for lo, hi in spans], order))
+                yield list(zip(js, reader.gather([order.ids(lo, hi) for lo, hi in spans], order)))
         finally:
             self.cache.cancel()
 
@@ -170,11 +167,11 @@ class StreamingDataset(IterableDataset):
             return int(np.diff(self.order().block_starts).max())
         return max(2 * max(self.counts), part.global_batch)
 
-    def _batches_per_read(self, part: Partition, workers: int) -> int:
+    def _batches_per_read(self, part: Partition) -> int:
         """About READ_SAMPLES samples per read. Remote data reads at most a shard's span of positions at a time,
         so a read never needs more shards on disk than the prefetch window holds."""
         span = max(self.counts) if not self.cache.local else self.total
-        return max(1, min(READ_SAMPLES // self.batch_size, span // (workers * part.global_batch)))
+        return max(1, min(READ_SAMPLES // self.batch_size, span // part.global_batch))
 
     def _open_shards_needed(self, part: Partition) -> int:
         if self.shuffle_mode == "full":

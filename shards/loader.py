@@ -1,7 +1,7 @@
 """StreamingDataLoader: a torch DataLoader over StreamingDataset that knows its place in the epoch.
 
-Workers send whole numpy batches (one pickle per batch, no per-sample hand-off, no shared-memory tensor per
-sample); the main process checks they arrive in order, turns them into tensors without copying, and counts
+Workers send groups of whole numpy batches (one pickle per group, no per-sample hand-off, no shared-memory
+tensor per sample); the main process checks they arrive in order, turns them into tensors without copying, and counts
 what it has *delivered to the caller*: batches prefetched by workers but not yet handed out are not
 consumed, so a checkpoint taken inside the training loop resumes exactly after the last batch trained on.
 """
@@ -79,15 +79,18 @@ class StreamingDataLoader(DataLoader):
         # In-process reading skips DataLoader's per-batch fetcher and profiler hooks.
         it = super().__iter__() if self.num_workers > 0 else iter(ds)
         try:
-            for expected, (j, arrays) in enumerate(it):
-                if j != expected:
-                    raise RuntimeError(f"loader workers delivered batch {j} where batch {expected} was due")
-                arrays["input_ids"] = arrays["input_ids"].astype(np.int64)  # numpy widens uint16 20x faster than torch
-                batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
-                if self.pin:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
-                ds.position = part.start + (j + 1) * part.global_batch
-                yield batch
+            expected = 0
+            for group in it:
+                for j, arrays in group:
+                    if j != expected:
+                        raise RuntimeError(f"loader workers delivered batch {j} where batch {expected} was due")
+                    expected += 1
+                    arrays["input_ids"] = arrays["input_ids"].astype(np.int64)  # numpy widens uint16 20x faster than torch
+                    batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
+                    if self.pin:
+                        batch = {k: v.pin_memory() for k, v in batch.items()}
+                    ds.position = part.start + (j + 1) * part.global_batch
+                    yield batch
         finally:
             # Stop workers now, on a break or an error too. Left to the garbage collector, torch's shutdown
             # can find its queues already finalised and wait 5 s per worker.

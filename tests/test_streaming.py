@@ -80,8 +80,9 @@ def test_partition_full_grid_exactly_once(mode):
                 for rank in range(world):
                     part = Partition(97, 0, batch, world, rank)
                     for workers in (1, 2, 3):
-                        got = sorted(j for w in range(workers) for j in part.worker_batches(w, workers))
-                        assert got == list(range(part.num_batches))
+                        for group in (1, 2, 5):
+                            got = [j for w in range(workers) for g in part.worker_groups(w, workers, group) for j in g]
+                            assert sorted(got) == list(range(part.num_batches))
                     nbatches.add(part.num_batches)
                     for j in range(part.num_batches):
                         seen.extend(order.ids(*part.positions(j)).tolist())
