@@ -27,6 +27,7 @@ from shards.verify import VerifyError, check_shard_arrays
 STATE_VERSION = 1
 DEFAULT_BLOCK_SHARDS = 16  # shards per shuffle block for remote data (MosaicML advises blocks >= 10 shards)
 READ_SAMPLES = 2048  # samples read from the shards in one go (a 4 MB staging buffer for 1,024 uint16 tokens)
+MESSAGE_SAMPLES = 256  # samples per worker-to-loader message: 8 batches of 32 moved 2x faster than 1 or 64
 
 
 def _distributed() -> tuple[int, int]:
@@ -138,26 +139,34 @@ class StreamingDataset(IterableDataset):
     # ------------------------------------------------------------ reading
 
     def __iter__(self) -> Iterator[list[tuple[int, dict[str, np.ndarray]]]]:
-        """This worker's batches of the rest of the epoch, as groups of (batch index within this pass, arrays).
+        """This worker's batches of the rest of the epoch, as messages: lists of (batch index, arrays).
 
-        A group is consecutive batches read in one pass over the shards they touch (per-shard Python work is
-        paid once per group, not per batch, when a full shuffle spreads every batch over every shard) and
-        handed to the main process as one message (the per-message cost of a DataLoader queue is ~100 us)."""
+        A message holds about MESSAGE_SAMPLES samples of consecutive batches, because a DataLoader queue costs
+        ~100 us per message whatever its size while pickles of several MB cost more than they save. Several
+        messages are read together (about READ_SAMPLES samples): one pass over the shards they touch serves them
+        all, so per-shard Python work is paid per read, not per batch, when a full shuffle spreads every batch
+        over every shard."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         part, order = self.partition(), self.order()
         reader = _ShardReader(self, capacity=self._open_shards_needed(part))
         ahead = self._prefetch_span(part)
+        per_message = max(1, MESSAGE_SAMPLES // self.batch_size)
+        messages = part.worker_groups(worker, workers, per_message)
+        per_read = self._messages_per_read(part, workers, per_message)
         prefetched = part.start
         try:
-            for js in part.worker_groups(worker, workers, self._batches_per_read(part)):
-                spans = [part.positions(j) for j in js]
+            for first in range(0, len(messages), per_read):
+                read = messages[first : first + per_read]
+                spans = [part.positions(j) for group in read for j in group]
                 end = spans[-1][1]
                 if prefetched < min(self.total, end + ahead):  # request the next span in one go, not per batch
                     stop = min(self.total, end + 2 * ahead)
                     self.cache.prefetch(order.shards(prefetched, stop))
                     prefetched = stop
-                yield list(zip(js, reader.gather([order.ids(lo, hi) for lo, hi in spans], order)))
+                batches = iter(reader.gather([order.ids(lo, hi) for lo, hi in spans], order))
+                for group in read:
+                    yield [(j, next(batches)) for j in group]
         finally:
             self.cache.cancel()
 
@@ -167,11 +176,12 @@ class StreamingDataset(IterableDataset):
             return int(np.diff(self.order().block_starts).max())
         return max(2 * max(self.counts), part.global_batch)
 
-    def _batches_per_read(self, part: Partition) -> int:
+    def _messages_per_read(self, part: Partition, workers: int, per_message: int) -> int:
         """About READ_SAMPLES samples per read. Remote data reads at most a shard's span of positions at a time,
         so a read never needs more shards on disk than the prefetch window holds."""
         span = max(self.counts) if not self.cache.local else self.total
-        return max(1, min(READ_SAMPLES // self.batch_size, span // part.global_batch))
+        per_read = READ_SAMPLES // (per_message * self.batch_size)
+        return max(1, min(per_read, span // (workers * per_message * part.global_batch)))
 
     def _open_shards_needed(self, part: Partition) -> int:
         if self.shuffle_mode == "full":

@@ -45,7 +45,7 @@ class Partition:
         return lo, lo + self.batch_size
 
     def worker_groups(self, worker: int, num_workers: int, group: int) -> list[range]:
-        """Worker w's batches: groups of `group` consecutive batches, dealt round-robin to the workers. A group
-        is read from the shards in one pass and handed to the main process as one message."""
+        """Worker w's batches: groups of `group` consecutive batches, dealt round-robin to the workers (each
+        group is one message to the main process, which takes them round-robin, so they arrive in order)."""
         starts = range(worker * group, self.num_batches, num_workers * group)
         return [range(g, min(g + group, self.num_batches)) for g in starts]
