@@ -151,9 +151,8 @@ class StreamingDataset(IterableDataset):
         part, order = self.partition(), self.order()
         reader = _ShardReader(self, capacity=self._open_shards_needed(part))
         ahead = self._prefetch_span(part)
-        per_message = max(1, MESSAGE_SAMPLES // self.batch_size)
+        per_message, per_read = self._read_sizes(part, workers)
         messages = part.worker_groups(worker, workers, per_message)
-        per_read = self._messages_per_read(part, workers, per_message)
         prefetched = part.start
         try:
             for first in range(0, len(messages), per_read):
@@ -176,12 +175,14 @@ class StreamingDataset(IterableDataset):
             return int(np.diff(self.order().block_starts).max())
         return max(2 * max(self.counts), part.global_batch)
 
-    def _messages_per_read(self, part: Partition, workers: int, per_message: int) -> int:
-        """About READ_SAMPLES samples per read. Remote data reads at most a shard's span of positions at a time,
-        so a read never needs more shards on disk than the prefetch window holds."""
+    def _read_sizes(self, part: Partition, workers: int) -> tuple[int, int]:
+        """Batches per message and messages per read, for about MESSAGE_SAMPLES and READ_SAMPLES samples. Remote
+        data reads at most a shard's span of positions at a time, so a read never needs more shards on disk
+        than the prefetch window holds (on many ranks a message of 8 global batches could span blocks)."""
         span = max(self.counts) if not self.cache.local else self.total
+        per_message = max(1, min(MESSAGE_SAMPLES // self.batch_size, span // part.global_batch))
         per_read = READ_SAMPLES // (per_message * self.batch_size)
-        return max(1, min(per_read, span // (workers * per_message * part.global_batch)))
+        return per_message, max(1, min(per_read, span // (workers * per_message * part.global_batch)))
 
     def _open_shards_needed(self, part: Partition) -> int:
         if self.shuffle_mode == "full":
