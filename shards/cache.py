@@ -21,6 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import fsspec
+
 from shards import storage
 from shards.manifest import ShardInfo
 from shards.verify import VerifyError, check_shard_bytes, check_shard_size
@@ -63,15 +65,16 @@ class ShardCache:
         self.local = storage.is_local(fs)
         self.cache_dir = None if self.local else os.path.abspath(cache_dir or default_cache_dir())
         self._owner: int | None = None  # pid that created the per-process state below
+        self._own(fs)
 
     def __getstate__(self) -> dict[str, Any]:  # a filesystem client or thread pool never crosses processes
         return {k: v for k, v in self.__dict__.items() if k not in ("_fs", "_pool", "_pending")} | {"_owner": None}
 
-    def _own(self) -> None:
+    def _own(self, fs: fsspec.AbstractFileSystem | None = None) -> None:
         """Per-process state, rebuilt after a fork: the parent's client and threads do not exist here."""
         if self._owner != os.getpid():
             opts = {**(self.storage_options or {}), "skip_instance_cache": True}
-            self._fs, _ = storage.open_fs(self.url, opts)
+            self._fs = fs or storage.open_fs(self.url, opts)[0]
             self._pool: ThreadPoolExecutor | None = None
             self._pending: dict[int, Future] = {}
             self._owner = os.getpid()
