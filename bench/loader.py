@@ -273,13 +273,18 @@ def bench_s3(endpoint: str, work: str, batch: int, total: int, budget: float) ->
 
     opts = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint}}
     fs, _ = storage.open_fs("s3://bench", opts)
-    t0 = time.perf_counter()
-    nbytes = sum(len(fs.cat_file(p)) for p in sorted(fs.find("bench/ds/train")))
-    dt = time.perf_counter() - t0
-    report("s3 cat_file, shard after shard", total / dt, f"{nbytes / dt / 1e6:.0f} MB/s")
+    paths = sorted(fs.find("bench/ds/train"))
+    times = []
+    for _ in range(3):  # the best of three: a shared machine and a fresh server make single runs noisy
+        t0 = time.perf_counter()
+        nbytes = sum(len(fs.cat_file(p)) for p in paths)
+        times.append(time.perf_counter() - t0)
+    dt = min(times)
+    report("s3 cat_file, shard after shard", total / dt, f"{nbytes / dt / 1e6:.0f} MB/s, best of 3")
     for workers in (0, 2):
-        cache = tempfile.mkdtemp(dir=work)
-        for temperature in ("cold", "warm"):  # cold: every shard is downloaded inside the measurement
+        caches = [tempfile.mkdtemp(dir=work) for _ in range(2)]
+        runs = [("cold", caches[0]), ("cold, again", caches[1]), ("warm", caches[1])]
+        for temperature, cache in runs:  # cold: every shard is downloaded inside the measurement
             def run():
                 ds = StreamingDataset("s3://bench/ds", seed=0, storage_options=opts, cache_dir=cache)
                 return StreamingDataLoader(ds, batch_size=batch, num_workers=workers)
