@@ -12,7 +12,8 @@ training job pays every epoch. Rows:
   mosaic          MosaicML streaming (`mosaicml-streaming` or `streaming-community`), MDS shards
   litdata         LitData `optimize` + TokensLoader(block_size=1024)
   raw             pyarrow memory-mapped shards read in contiguous slices, converted like ours: the limit
-  s3 cat_file     fsspec `cat_file` of every shard in turn from the same S3 server: the download limit
+  s3 cat_file     fsspec `cat_file` of every shard in turn from the same S3 server (best of 3): the download
+                  limit. Plain `cat_file` makes s3fs HEAD then GET; ours asks for the manifest's size in one GET.
 Peers that are not installed are skipped with the reason. The S3 server is moto's, in its own process.
 Run it where the peers are installed (see README: a separate venv, torch pinned in the same pip command).
 """
@@ -283,7 +284,7 @@ def bench_s3(endpoint: str, work: str, batch: int, total: int, budget: float) ->
     report("s3 cat_file, shard after shard", total / dt, f"{nbytes / dt / 1e6:.0f} MB/s, best of 3")
     for workers in (0, 2):
         caches = [tempfile.mkdtemp(dir=work) for _ in range(2)]
-        runs = [("cold", caches[0]), ("cold, again", caches[1]), ("warm", caches[1])]
+        runs = [("cold", caches[0]), ("cold 2", caches[1]), ("warm", caches[1])]
         for temperature, cache in runs:  # cold: every shard is downloaded inside the measurement
             def run():
                 ds = StreamingDataset("s3://bench/ds", seed=0, storage_options=opts, cache_dir=cache)
@@ -384,7 +385,8 @@ def print_ratios(rates: dict[str, float]) -> None:
         print(f"  ours local / raw bulk read: {ours / raw:.2f}x   (target >= 0.5)")
     s3 = [r for k, r in rates.items() if k.startswith("ours s3 cold")]
     if s3 and "s3 cat_file, shard after shard" in rates:
-        print(f"  ours S3, cold cache / cat_file: {max(s3) / rates['s3 cat_file, shard after shard']:.2f}x   (target >= 0.8)")
+        best = max(s3) / rates["s3 cat_file, shard after shard"]
+        print(f"  ours S3, best cold-cache run / cat_file, best of 3: {best:.2f}x   (target >= 0.8)")
 
 
 if __name__ == "__main__":

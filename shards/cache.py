@@ -167,8 +167,8 @@ class ShardCache:
         """Retry transient failures with exponential backoff; a missing shard is not transient."""
         path = storage.join(self.root, self.shards[i].path)
         for attempt in range(self.retries + 1):
-            try:
-                return self.fs.cat_file(path)
+            try:  # the manifest gives the size: one ranged GET, where a plain cat_file makes s3fs HEAD first
+                return self.fs.cat_file(path, start=0, end=self.shards[i].bytes)
             except FileNotFoundError:
                 raise VerifyError(f"{self.shard_url(i)}: missing") from None
             except PermissionError as e:
