@@ -34,6 +34,7 @@ test-fast: install
 
 bench: install
 	$(PY) bench/preprocess.py
+	$(PY) bench/loader.py
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache
