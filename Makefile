@@ -37,6 +37,7 @@ test-fast: install
 
 bench: install
 	$(PY) bench/preprocess.py
+	$(PY) bench/loader.py
 	$(PY) bench/train.py
 
 clean:
