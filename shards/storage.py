@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -32,26 +32,32 @@ def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
 
+def write_local_atomic(path: str, write: Callable[[BinaryIO], Any]) -> None:
+    """Let `write` fill a temporary file, then rename it to `path`: a kill never leaves half a file there."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # remove_stale_temps() knows this pattern
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `data` to `path` so that readers see either nothing or the whole file."""
     if is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # remove_stale_temps() knows this pattern
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_local_atomic(path, lambda f: f.write(data))
     else:
         fs.pipe_file(path, data)
 
 
-def remove_stale_temps(fs: fsspec.AbstractFileSystem, path: str) -> int:
+def remove_stale_temps(fs: fsspec.AbstractFileSystem | None, path: str) -> int:
     """Delete temporary files that a killed writer left under `path` (only local writes use them)."""
+    fs = fs or LocalFileSystem()
     if not is_local(fs) or not os.path.isdir(path):
         return 0
     stale = fs.glob(join(path, "**", "*.tmp-*"))

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from shards import storage
 from train import checkpoint
 from train.config import Config
 from train.report import read_metrics
@@ -199,7 +200,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert [s for s, _ in checkpoint.checkpoints(folder)] == [9, 12]
     assert checkpoint.load(folder) == {"step": 12}
     open(os.path.join(folder, "checkpt_15.pt.tmp-deadbeef"), "wb").write(b"half a file")
-    checkpoint.remove_partial_writes(folder)
+    storage.remove_stale_temps(None, folder)
     assert sorted(os.listdir(folder)) == ["checkpt_12.pt", "checkpt_9.pt", "latest"]
     assert checkpoint.new_run_folder(str(tmp_path), "x").endswith("x_1")
 

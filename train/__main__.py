@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from shards import ManifestError
+from shards import ManifestError, storage
 from train import checkpoint
 from train.config import Config, ConfigError, load_config, parse_overrides
 from train.data import open_manifest, resolve
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     main_rank = os.environ.get("RANK", "0") == "0"
     if resume_folder and main_rank:
-        checkpoint.remove_partial_writes(resume_folder)
+        storage.remove_stale_temps(None, resume_folder)
     folder = resume_folder or (checkpoint.new_run_folder(cfg.save_root, cfg.exp_name) if main_rank else "")
     train(cfg, folder, state)
     return 0

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from typing import Any
 
 import torch
+
+from shards import storage
 
 LATEST = "latest"
 _CHECKPT = re.compile(r"^checkpt_(\d+)\.pt$")
@@ -31,26 +32,6 @@ def new_run_folder(save_root: str, exp_name: str) -> str:
             n += 1
 
 
-def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_partial_writes(folder: str) -> None:
-    """Temporary files a killed run left behind mid-write; their complete versions were never renamed in."""
-    for name in os.listdir(folder):
-        if ".tmp-" in name:
-            os.remove(os.path.join(folder, name))
-
-
 def checkpoints(folder: str) -> list[tuple[int, str]]:
     """(step, path) of the folder's checkpoints, oldest first."""
     found = [(int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder) if (m := _CHECKPT.match(n))]
@@ -59,8 +40,8 @@ def checkpoints(folder: str) -> list[tuple[int, str]]:
 
 def save(folder: str, step: int, state: dict[str, Any], keep: int) -> str:
     path = os.path.join(folder, f"checkpt_{step}.pt")
-    _write_atomic(path, lambda f: torch.save(state, f))
-    _write_atomic(os.path.join(folder, LATEST), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
+    storage.write_local_atomic(path, lambda f: torch.save(state, f))
+    storage.write_local_atomic(os.path.join(folder, LATEST), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
     for _, old in checkpoints(folder)[:-keep]:
         os.remove(old)
     return path
