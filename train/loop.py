@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from train import checkpoint, dist
+from train import eval as evaluation
 from train.blotch import IGNORE, blotch
 from train.config import Config
 from train.data import Data, TrainStream, open_data, rng_neutral
@@ -220,7 +221,9 @@ def build(cfg: Config, folder: str, resume: dict[str, Any] | None) -> Run:
     data = open_data(cfg, ctx.rank, ctx.world)
     cfg = data.cfg
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, data.manifest.vocab_size, data.manifest.window).to(ctx.device)
+    model = build_model(cfg, data.manifest.vocab_size, data.manifest.window)
+    if not cfg.model_parallel:  # a device-mapped model is already spread over the GPUs
+        model = model.to(ctx.device)
     if cfg.init_checkpt and resume is None:
         model.load_state_dict(checkpoint.load(cfg.init_checkpt)["model"])
     ddp = model
@@ -276,10 +279,13 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None) -> dic
         t_val = time.perf_counter()
         sums, examples = validate(run)
         last_val = make_record(run, "val", sums, time.perf_counter() - t_val)
+        last_val.update(evaluation.during_training(run))
         run.log.metrics(last_val)
         bar.clear()
         run.log.text(f"epoch {p.epoch + 1}/{cfg.n_epochs} step {p.step}: val loss {last_val['loss']:.4f} "
                      f"acc {last_val['acc']:.4f} ppl {last_val['ppl']:.3f} ({time.perf_counter() - t_epoch:.1f} s)")
+        if evaluation.describe(last_val):
+            run.log.text(f"  free-running: {evaluation.describe(last_val)}")
         run.log.text("  examples (⟦ ⟧ = blotched in training, ‖ = end of the compression part):")
         for line in examples:
             run.log.text(line)
