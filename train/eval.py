@@ -23,10 +23,11 @@ from typing import Any, Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
-from train.blotch import BlotchSpec, blotch, valid_mask
+from train.blotch import IGNORE, Blotched, BlotchSpec, blotch, valid_mask
 from train.config import Config, ConfigError
 from train.generate import greedy
 from train.loss import token_loss
+from train.model import build_model, model_view
 
 GEN_SUMS = ("gen_correct", "gen_count", "rows", "answer_correct", "answer_rows", "gen_steps", "ref_steps")
 TF_SUMS = ("nll", "correct", "count")
@@ -122,6 +123,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec:
                 v = blotch(ids, batch["sample_id"], 0, spec, train=False)
                 if prefix is not None:
                     v = prepend(v, prefix)
+                v = model_view(model, v)
                 with autocast():
                     logits = model(v.input_ids, v.position_ids, v.mask)
                 out = token_loss(logits, v.targets.to(logits.device))
@@ -163,7 +165,6 @@ def reference_record(sums: dict[str, float]) -> dict[str, float]:
 
 def prepend(v, prefix: torch.Tensor):
     """A teacher-forced view with `prefix` (B, k) tokens before every row: they are inputs, never targets."""
-    from train.blotch import IGNORE, Blotched
 
     B, k = prefix.shape
     ids = torch.cat([prefix, v.input_ids], 1)
@@ -216,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     from train import checkpoint
     from train.__main__ import resume_config
     from train.data import blotch_spec, loader, open_manifest, resolve, rng_neutral
-    from train.model import build_model
 
     try:
         cfg = resume_config(args.save_folder, {"device": args.device} if args.device else {})

@@ -26,7 +26,7 @@ from train.blotch import IGNORE, blotch
 from train.config import Config
 from train.data import Data, TrainStream, open_data, rng_neutral
 from train.loss import token_loss
-from train.model import build_model
+from train.model import build_model, model_view
 from train.optim import Schedule, build_optimizer
 from train.report import RunLog, plot_curves, read_metrics, render_example
 
@@ -103,7 +103,8 @@ def train_step(run: Run) -> tuple[dict[str, float], float]:
     cfg, ctx = run.cfg, run.ctx
     n_micro = micro_batches(cfg, len(run.data.train), run.progress.step_in_epoch)
     micro = [run.stream.next() for _ in range(n_micro)]
-    views = [blotch(b["input_ids"].to(ctx.device), b["sample_id"], pass_, run.data.spec) for pass_, b in micro]
+    views = [model_view(run.model, blotch(b["input_ids"].to(ctx.device), b["sample_id"], pass_, run.data.spec))
+             for pass_, b in micro]
     n_targets = dist.all_reduce_sum(torch.stack([(v.targets != IGNORE).sum() for v in views]).sum(), ctx)
     scale = ctx.world / n_targets.clamp(min=1).float()  # DDP averages over ranks; this turns it into a sum
     sums = torch.zeros(len(SUMS), device=ctx.device)
@@ -137,7 +138,8 @@ def validate(run: Run) -> tuple[dict[str, float], list[str]]:
     for i, batch in enumerate(rng_neutral(data.val)):
         if cfg.max_val_loops is not None and i >= cfg.max_val_loops:
             break
-        v = blotch(batch["input_ids"].to(ctx.device), batch["sample_id"], 0, data.spec, train=False)
+        v = model_view(run.model, blotch(batch["input_ids"].to(ctx.device), batch["sample_id"], 0, data.spec,
+                                         train=False))
         with run.autocast():
             logits = run.model(v.input_ids, v.position_ids, v.mask)
         out = token_loss(logits, v.targets)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.blotch import Blotched
 from train.config import Config
 
 
@@ -146,3 +147,11 @@ def build_model(cfg: Config, vocab_size: int, window: int, training: bool = True
     )
     return Transformer(vocab_size, cfg.d_model, cfg.n_heads, cfg.h_mult, cfg.n_layers, cfg.drop_p, posenc,
                        cfg.tie_weights)
+
+
+def model_view(model: nn.Module, v: Blotched) -> Blotched:
+    """The batch as the model reads it: a compressor separates the compressed part from the continuation (see
+    train/compressor.py); the other models take the blotched batch as it is."""
+    from train.compressor import Compressor
+
+    return model.view(v) if isinstance(model, Compressor) else v
