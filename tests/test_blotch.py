@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.blotch import IGNORE, P_BITS, BlotchSpec, blotch, hash_u32
+from train.blotch import IGNORE, P_BITS, BlotchSpec, blotch, hash_u32, words64
 
 PAD, EOS, SEP, SEP2 = 0, 1, 2, 3  # small ids so random rows hit them often
 
@@ -38,14 +38,14 @@ def reference(row: list[int], sid: int, epoch: int, spec: BlotchSpec, train: boo
         if spec.spacing == "random":
             prev = False
             for k in range(1, n + 1):
-                hit = hash_u32(spec.seed, epoch, sid, 0, k) >> (32 - P_BITS) < p
+                hit = hash_u32(*words64(spec.seed), epoch, *words64(sid), 0, k) >> (32 - P_BITS) < p
                 if hit and not (prev and not spec.contig):
                     chosen.add(k)
                     prev = True
                 else:
                     prev = False
         else:
-            m = (n * p + (hash_u32(spec.seed, epoch, sid, 1, 0) >> (32 - P_BITS))) >> P_BITS
+            m = (n * p + (hash_u32(*words64(spec.seed), epoch, *words64(sid), 1) >> (32 - P_BITS))) >> P_BITS
             if not spec.contig:
                 m = min(m, (n + 1) // 2)
             chosen = {1 + ((2 * i + 1) * n) // (2 * m) for i in range(m)}

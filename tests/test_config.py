@@ -54,3 +54,9 @@ def test_readme_table_matches_schema():
     assert begin in readme, "README.md lacks the config table markers"
     table = readme.split(begin, 1)[1].split(end, 1)[0]
     assert table == out, "README.md's config table is stale: regenerate with `python -m train.config --markdown`"
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "openwebtext", "glue"])
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.json"))
+    assert cfg.dataset == name

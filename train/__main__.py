@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.loop import train
 
     main_rank = os.environ.get("RANK", "0") == "0"
+    if resume_folder and main_rank:
+        checkpoint.remove_partial_writes(resume_folder)
     folder = resume_folder or (checkpoint.new_run_folder(cfg.save_root, cfg.exp_name) if main_rank else "")
     train(cfg, folder, state)
     return 0

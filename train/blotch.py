@@ -9,7 +9,8 @@ model spends no compute on hidden steps and every kept token's target is simply 
 
 The pattern is drawn from a counter-based hash of (seed, epoch, sample_id, segment index), so a sample is
 blotched the same way whatever batch, rank or resume it comes in. Everything is integer tensor arithmetic:
-no Python loop over rows, segments or tokens, and one host sync (the trimmed length).
+no Python loop over rows, segments or tokens, and two host syncs (the most segments in a row, the
+trimmed length).
 """
 from __future__ import annotations
 
@@ -37,16 +38,20 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-def hash_u32(*keys):
-    """A 32-bit hash of non-negative integer keys (Python ints or int64 tensors, broadcast together).
+def hash_u32(*words, h=_GOLDEN):
+    """A 32-bit hash of 32-bit words (Python ints or int64 tensors, broadcast together), chained from `h`.
 
-    Works the same on ints and tensors, which is what lets the tests' plain-Python reference match exactly.
+    Chaining lets a caller hash the per-row prefix once and continue it per segment; it works the same on
+    ints and tensors, which is what lets the tests' plain-Python reference match exactly.
     """
-    h = _GOLDEN
-    for k in keys:
-        h = _fmix32(h ^ (k & M32))
-        h = _fmix32(h ^ ((k >> 32) & M32))
+    for w in words:
+        h = _fmix32(h ^ (w & M32))
     return h
+
+
+def words64(x):
+    """A non-negative 64-bit key (seed, sample id) as its two 32-bit words."""
+    return x & M32, (x >> 32) & M32
 
 
 @dataclass(frozen=True)
@@ -112,20 +117,22 @@ def segment_index(ids: torch.Tensor, valid: torch.Tensor, spec: BlotchSpec) -> t
     return count - is_sep.long(), (count[:, -1] - 1).clamp(min=0)
 
 
-def choose_segments(n: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec, width: int) -> torch.Tensor:
-    """(B, width) bool: entry k says whether segment k is blotched (only 1 <= k <= n can be)."""
+def choose_segments(n: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec) -> torch.Tensor:
+    """(B, max(n) + 2) bool: entry k says whether segment k is blotched (only 1 <= k <= n can be)."""
+    width = int(n.max()) + 2 if len(n) else 2
     k = torch.arange(width, device=n.device).expand(len(n), width)
     sid = sample_ids.to(device=n.device, dtype=torch.long)[:, None]
+    row = hash_u32(*words64(spec.seed), epoch, *words64(sid))  # (B, 1): hashed once, continued per segment
     p = spec.p_threshold
     if spec.spacing == "random":
-        u = hash_u32(spec.seed, epoch, sid, _STREAM_SEGMENT, k) >> (32 - P_BITS)
+        u = hash_u32(_STREAM_SEGMENT, k, h=row) >> (32 - P_BITS)
         chosen = (u < p) & (k >= 1) & (k <= n[:, None])
         if not spec.contig:  # in a run of candidates keep the 1st, 3rd, ...: "skip a segment after a blotch"
             last_gap = torch.where(chosen, -1, k).cummax(1).values
             chosen &= (k - last_gap - 1) % 2 == 0
         return chosen
     # equal spacing: m = stochastic round of p * n, centred at 1 + floor((2i + 1) n / 2m) for i < m
-    u = hash_u32(spec.seed, epoch, sid[:, 0], _STREAM_COUNT, 0) >> (32 - P_BITS)
+    u = hash_u32(_STREAM_COUNT, h=row[:, 0]) >> (32 - P_BITS)
     m = (n * p + u) >> P_BITS
     if not spec.contig:
         m = torch.minimum(m, (n + 1) // 2)
@@ -142,7 +149,7 @@ def blotch(ids: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: Blotch
     valid = valid_mask(ids, spec)
     if train and spec.blotch_p > 0:
         seg, n = segment_index(ids, valid, spec)
-        chosen = choose_segments(n, sample_ids, epoch, spec, L + 1)
+        chosen = choose_segments(n, sample_ids, epoch, spec)
         blotched = chosen.gather(1, seg) & valid
     else:
         blotched = torch.zeros_like(valid)

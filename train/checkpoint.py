@@ -44,6 +44,13 @@ def _write_atomic(path: str, write) -> None:
             os.remove(tmp)
 
 
+def remove_partial_writes(folder: str) -> None:
+    """Temporary files a killed run left behind mid-write; their complete versions were never renamed in."""
+    for name in os.listdir(folder):
+        if ".tmp-" in name:
+            os.remove(os.path.join(folder, name))
+
+
 def checkpoints(folder: str) -> list[tuple[int, str]]:
     """(step, path) of the folder's checkpoints, oldest first."""
     found = [(int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder) if (m := _CHECKPT.match(n))]

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from shards import Manifest, load_manifest, storage
+from shards import Manifest, StreamingDataLoader, StreamingDataset, load_manifest, storage
 from train.blotch import BlotchSpec
 from train.config import Config, ConfigError
 
@@ -48,16 +48,17 @@ def open_manifest(cfg: Config) -> tuple[Manifest, str]:
     return load_manifest(fs, root), url
 
 
-def loader(cfg: Config, url: str, split: str, batch_size: int, shuffle: bool, rank: int, world: int):
-    from shards import StreamingDataLoader, StreamingDataset
-
+def loader(cfg: Config, url: str, split: str, batch_key: str, shuffle: bool, rank: int, world: int
+           ) -> StreamingDataLoader:
+    """The split's streaming loader for this rank; `batch_key` names the config key that sizes its batches."""
+    batch_size = getattr(cfg, batch_key) or cfg.batch_size
     ds = StreamingDataset(url, split, shuffle=shuffle, seed=cfg.seed, rank=rank, world_size=world,
                           batch_size=batch_size, storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
                           cache_limit=cfg.cache_limit)
     dl = StreamingDataLoader(ds, batch_size=batch_size, num_workers=cfg.n_workers)
     if len(dl) == 0:
         raise ConfigError(f"{url} split {split!r}: {ds.total} samples make no batch of {batch_size} on each of "
-                          f"{world} ranks; lower batch_size")
+                          f"{world} ranks; lower {batch_key}")
     return dl
 
 
@@ -108,8 +109,8 @@ class Data:
     manifest: Manifest
     url: str
     spec: BlotchSpec
-    train: Any  # StreamingDataLoader
-    val: Any
+    train: StreamingDataLoader
+    val: StreamingDataLoader
 
 
 def open_data(cfg: Config, rank: int, world: int) -> Data:
@@ -117,6 +118,6 @@ def open_data(cfg: Config, rank: int, world: int) -> Data:
     cfg = resolve(cfg, m, url)
     for split in ("train", "val"):
         m.split(split)
-    train = loader(cfg, url, "train", cfg.batch_size, True, rank, world)
-    val = loader(cfg, url, "val", cfg.val_batch_size or cfg.batch_size, False, rank, world)
+    train = loader(cfg, url, "train", "batch_size", True, rank, world)
+    val = loader(cfg, url, "val", "val_batch_size", False, rank, world)
     return Data(cfg, m, url, blotch_spec(cfg, m), train, val)

@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         m.split(args.split)
         state = checkpoint.load(args.checkpoint or args.save_folder)
         prefix_token = level_token(cfg, m.vocab_size, args.blotch_level)
+        batches = loader(cfg, url, args.split, "val_batch_size", False, 0, 1)
     except (ConfigError, ManifestError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -235,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.model_parallel:
         model = model.to(device)
     model.load_state_dict(state["model"])
-    batches = loader(cfg, url, args.split, cfg.val_batch_size or cfg.batch_size, False, 0, 1)
     rec = evaluate(model, rng_neutral(batches), blotch_spec(cfg, m), m.seq_len, m.layout, device,
                    autocast_for(cfg, device), args.max_batches or cfg.max_val_loops,
                    cfg.gen_val_samples if args.gen_samples is None else args.gen_samples, prefix_token=prefix_token)

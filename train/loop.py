@@ -22,13 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from train import checkpoint, dist
 from train import eval as evaluation
-from train.blotch import IGNORE, blotch
+from train.blotch import IGNORE, Blotched, blotch
 from train.config import Config
 from train.data import Data, TrainStream, open_data, rng_neutral
-from train.loss import token_loss
+from train.loss import TokenLoss, token_loss
 from train.model import build_model, model_view
 from train.optim import Schedule, build_optimizer
-from train.report import RunLog, plot_curves, read_metrics, render_example
+from train.report import RunLog, decode, plot_curves, read_metrics, render_example
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUMS = ("nll", "correct", "count", "tokens", "blotched", "valid")  # what a step adds to the log window
@@ -97,6 +97,11 @@ def micro_batches(cfg: Config, batches_per_pass: int, step_in_epoch: int) -> int
     return min(cfg.n_grad_loops, batches_per_pass - step_in_epoch * cfg.n_grad_loops)
 
 
+def step_sums(out: TokenLoss, v: Blotched) -> torch.Tensor:
+    """The SUMS of one batch, as one tensor so a single all-reduce covers them."""
+    return torch.stack([out.nll, out.correct, out.count, v.mask.sum(), v.blotched.sum(), v.valid.sum()]).float()
+
+
 def train_step(run: Run) -> tuple[dict[str, float], float]:
     """One optimizer step over the next micro-batches; returns the step's sums reduced over ranks, and the
     gradient norm before clipping."""
@@ -115,7 +120,7 @@ def train_step(run: Run) -> tuple[dict[str, float], float]:
                 logits = run.ddp(v.input_ids, v.position_ids, v.mask)
             out = token_loss(logits, v.targets, cfg.label_smoothing)
             run.scaler.scale(out.objective * scale).backward()
-        sums += torch.stack([out.nll, out.correct, out.count, v.mask.sum(), v.blotched.sum(), v.valid.sum()]).float()
+        sums += step_sums(out, v)
     lr = run.sched.lr(run.progress.step)
     for group in run.opt.param_groups:
         group["lr"] = lr
@@ -143,14 +148,14 @@ def validate(run: Run) -> tuple[dict[str, float], list[str]]:
         with run.autocast():
             logits = run.model(v.input_ids, v.position_ids, v.mask)
         out = token_loss(logits, v.targets)
-        sums += torch.stack([out.nll, out.correct, out.count, v.mask.sum(), v.blotched.sum(), v.valid.sum()]).float()
+        sums += step_sums(out, v)
         if i == 0 and ctx.main:
             examples = render_examples(run, batch, v, logits)
     run.model.train()
     return dict(zip(SUMS, dist.all_reduce_sum(sums, ctx).tolist())), examples
 
 
-def render_examples(run: Run, batch: dict[str, torch.Tensor], v, logits: torch.Tensor) -> list[str]:
+def render_examples(run: Run, batch: dict[str, torch.Tensor], v: Blotched, logits: torch.Tensor) -> list[str]:
     """The first val windows with their training view's blotched spans marked, and the model's predictions."""
     ids, sids = batch["input_ids"][:N_EXAMPLES], batch["sample_id"][:N_EXAMPLES]
     view = blotch(ids.to(run.ctx.device), sids, run.stream.dl.dataset.epoch, run.data.spec)
@@ -161,8 +166,8 @@ def render_examples(run: Run, batch: dict[str, torch.Tensor], v, logits: torch.T
                               run.data.spec.cmp_len)
         counted = v.targets[b] != IGNORE
         pred, targ = preds[b][counted].tolist(), v.targets[b][counted].tolist()
-        show = run.tokenizer.decode if run.tokenizer is not None else (lambda t: " ".join(map(str, t)))
-        lines += [f"  [{int(sids[b])}] {text}", f"      target {show(targ)!r}", f"      pred   {show(pred)!r}"]
+        lines += [f"  [{int(sids[b])}] {text}", f"      target {decode(run.tokenizer, targ)!r}",
+                  f"      pred   {decode(run.tokenizer, pred)!r}"]
     return lines
 
 

@@ -74,6 +74,11 @@ def plot_curves(folder: str) -> str | None:
     return path
 
 
+def decode(tokenizer, ids: list[int]) -> str:
+    """Text with the dataset's tokenizer, or the ids themselves when the dataset has none."""
+    return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+
+
 def render_example(tokenizer, ids: list[int], valid: list[bool], blotched: list[bool], cmp_len: int) -> str:
     """The window's real tokens, ` ‖ ` after the compression part, the training view's blotched spans in ⟦ ⟧."""
     groups: list[tuple[tuple[bool, bool], list[int]]] = []
@@ -87,6 +92,6 @@ def render_example(tokenizer, ids: list[int], valid: list[bool], blotched: list[
     for (seq, hidden), toks in groups:
         if seq and not in_seq:
             text, in_seq = text + " ‖ ", True
-        part = tokenizer.decode(toks) if tokenizer is not None else " ".join(map(str, toks))
+        part = decode(tokenizer, toks)
         text += f"⟦{part}⟧" if hidden else part
     return text
