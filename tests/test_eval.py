@@ -1,0 +1,65 @@
+"""Free-running evaluation: final answers, solution steps and token accuracy, scored with scripted models."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tests import synthetic
+from train.blotch import BlotchSpec
+from train.eval import final_answer, free_running_record, free_running_sums, n_steps
+
+C, S = 16, 32
+SPEC = BlotchSpec(cmp_len=C, pad_id=synthetic.PAD, eos_id=synthetic.EOS, layout="padded",
+                  separator_ids=(synthetic.SEP,))
+SEPS, EOS = {synthetic.SEP}, synthetic.EOS
+
+
+def test_final_answer_and_steps():
+    enc = synthetic.encode
+    solution = enc("1005+5=1010") + [EOS, 0, 0]
+    assert final_answer(solution, SEPS, EOS) == tuple(enc("1010"))
+    assert n_steps(solution, SEPS, EOS) == 2
+    assert final_answer(enc("1005+5=10"), SEPS, EOS) is None  # no eos: unfinished
+    assert n_steps(enc("12") + [EOS], SEPS, EOS) == 1
+
+
+class Scripted(nn.Module):
+    """Emits a fixed continuation per row, whatever it is shown: a stand-in for a trained model."""
+
+    def __init__(self, rows: list[list[int]]):
+        super().__init__()
+        self.rows = rows
+
+    def decode(self, input_ids, position_ids, mask, cache=None):
+        step = 0 if cache is None else cache
+        logits = torch.zeros(len(input_ids), input_ids.shape[1], synthetic.VOCAB)
+        for b, row in enumerate(self.rows):
+            logits[b, -1, row[step] if step < len(row) else EOS] = 1
+        return logits, step + 1
+
+
+def solutions(ids: torch.Tensor) -> list[list[int]]:
+    out = []
+    for row in ids[:, C:].tolist():
+        out.append(row[: row.index(EOS) + 1] if EOS in row else row)
+    return out
+
+
+def test_perfect_and_shortcut_models():
+    ids = torch.from_numpy(synthetic.arithmetic_rows(8, C, S, seed=2).astype("int64"))
+    refs = solutions(ids)
+    perfect = free_running_record(free_running_sums(Scripted(refs), ids, SPEC, S, True), True)
+    ref_steps = sum(n_steps(r, SEPS, EOS) for r in refs) / len(refs)
+    assert perfect == {"gen_acc": 1.0, "answer_acc": 1.0, "gen_steps": ref_steps, "ref_steps": ref_steps}
+    assert ref_steps > 1.5
+    # the Chain-of-Shortcuts ideal: straight to the answer, every answer right, one step each
+    shortcut = [list(final_answer(r, SEPS, EOS)) + [EOS] for r in refs]
+    rec = free_running_record(free_running_sums(Scripted(shortcut), ids, SPEC, S, True), True)
+    assert rec["answer_acc"] == 1.0 and rec["gen_steps"] == 1.0 and rec["gen_acc"] < 0.5
+    # one wrong digit in the first row's answer costs exactly that row
+    wrong = [list(r) for r in refs]
+    wrong[0][-2] = synthetic.CHARS["0"] if wrong[0][-2] != synthetic.CHARS["0"] else synthetic.CHARS["1"]
+    rec = free_running_record(free_running_sums(Scripted(wrong), ids, SPEC, S, True), True)
+    assert rec["answer_acc"] == 7 / 8
+    n_tokens = sum(len(r) for r in refs)
+    assert rec["gen_acc"] == (n_tokens - 1) / n_tokens
