@@ -78,6 +78,10 @@ class Config:
         "random", "random: each segment independently; equal: round(blotch_p*n) evenly spaced segments"
     )
     contig_blotches: bool = _f(True, "allow two adjacent segments to be blotched")
+    blotch_tokens: bool = _f(False, "lead each window with a blotch-intensity token; its level's rate replaces blotch_p")
+    blotch_p_min: float = _f(0.0, "blotch_tokens: the lowest level's rate", ge=0, le=1)
+    blotch_p_max: float = _f(1.0, "blotch_tokens: the highest level's rate", ge=0, le=1)
+    n_btokens: int = _f(11, "blotch_tokens: levels evenly spaced from blotch_p_min to blotch_p_max", ge=1)
     incl_intl_prob: bool = _f(False, "count targets inside the compression part in the loss")
     pad_pos_skip: bool = _f(True, "positions count kept tokens only; false: a token keeps its column in the window")
     # model
@@ -198,6 +202,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'max_memory': only used with model_parallel true")
     if cfg.model_type != "transformer" and not cfg.hf_model:
         raise ConfigError(f"config key 'hf_model': model_type {cfg.model_type} needs a Hub id, folder or model type")
+    if cfg.blotch_tokens and cfg.blotch_p_min > cfg.blotch_p_max:
+        raise ConfigError(f"config key 'blotch_p_min': {cfg.blotch_p_min} exceeds blotch_p_max {cfg.blotch_p_max}")
+    if cfg.blotch_tokens and cfg.model_type == "compressor":
+        raise ConfigError("config key 'blotch_tokens': not with model_type compressor (its cmp part is compressed)")
     if cfg.rmb_only and cfg.model_type != "compressor":
         raise ConfigError("config key 'rmb_only': only for model_type compressor")
 

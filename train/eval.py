@@ -23,7 +23,7 @@ from typing import Any, Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
-from train.blotch import IGNORE, Blotched, BlotchSpec, blotch, valid_mask
+from train.blotch import BlotchSpec, blotch, valid_mask
 from train.config import Config, ConfigError
 from train.generate import greedy
 from train.loss import token_loss
@@ -49,16 +49,17 @@ def n_steps(tokens: list[int], seps: set[int], eos: int) -> int:
 
 
 def free_running_sums(model: nn.Module, ids: torch.Tensor, spec: BlotchSpec, seq_len: int, per_problem: bool,
-                      prefix: torch.Tensor | None = None) -> dict[str, float]:
-    """Greedy continuations of a (B, window) batch from its cmp part, scored against the window's continuation.
+                      level: int = 0) -> dict[str, float]:
+    """Greedy continuations of a (B, window) batch from its cmp part, scored against the window's continuation
+    (unblotched: with a shortcut level, fewer steps to the same answer is the point).
 
-    `prefix` (B, k) tokens are put before each prompt (a blotch-intensity token)."""
+    With blotch-intensity levels the prompt starts with the token of `level`."""
     c = spec.cmp_len
     valid = valid_mask(ids, spec)
     prompt, pmask = ids[:, :c], valid[:, :c]
-    if prefix is not None:
-        prompt = torch.cat([prefix, prompt], 1)
-        pmask = torch.cat([torch.ones_like(prefix, dtype=torch.bool), pmask], 1)
+    if spec.levels:
+        prompt = torch.cat([prompt.new_full((len(ids), 1), spec.level_token0 + level), prompt], 1)
+        pmask = torch.cat([torch.ones_like(pmask[:, :1]), pmask], 1)
         prompt, pmask = left_align(prompt, pmask, spec.pad_id)
     gen = greedy(model, prompt, pmask, seq_len, spec.eos_id, spec.pad_id, spec.pad_pos_skip)
     ref, rmask = ids[:, c:], valid[:, c:]
@@ -101,11 +102,12 @@ def per_problem(layout: str) -> bool:
 
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: BlotchSpec, seq_len: int,
              layout: str, device: torch.device, autocast: Callable[[], ContextManager], max_batches: int | None,
-             gen_samples: int, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-             prefix_token: int | None = None, teacher_forced: bool = True) -> dict[str, float]:
+             gen_samples: int, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, level: int = 0,
+             teacher_forced: bool = True) -> dict[str, float]:
     """Teacher-forced loss/acc/ppl (and a compressor's baselines) on up to `max_batches` unblotched batches, and
-    free-running metrics on the first `gen_samples` samples; `reduce` sums tensors over ranks. `prefix_token` is
-    put before every window. The training loop computes the teacher-forced part itself (`teacher_forced` false)."""
+    free-running metrics on the first `gen_samples` samples; `reduce` sums tensors over ranks. With
+    blotch-intensity levels, windows are blotched at `level`'s rate and led by its token. The training loop
+    computes the teacher-forced part itself (`teacher_forced` false)."""
     was_training = model.training
     model.eval()
     tf = torch.zeros(len(TF_SUMS), device=device)
@@ -118,12 +120,8 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec:
             if done_tf and done_gen:
                 break
             ids = batch["input_ids"].to(device)
-            prefix = None if prefix_token is None else ids.new_full((len(ids), 1), prefix_token)
             if not done_tf and teacher_forced:
-                v = blotch(ids, batch["sample_id"], 0, spec, train=False)
-                if prefix is not None:
-                    v = prepend(v, prefix)
-                v = model_view(model, v)
+                v = model_view(model, blotch(ids, batch["sample_id"], 0, spec, train=False, level=level))
                 with autocast():
                     logits = model(v.input_ids, v.position_ids, v.mask)
                 out = token_loss(logits, v.targets.to(logits.device))
@@ -136,8 +134,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec:
             done_gen = take <= 0
             if not done_gen:
                 with autocast():
-                    s = free_running_sums(model, ids[:take], spec, seq_len, per_problem(layout),
-                                          None if prefix is None else prefix[:take])
+                    s = free_running_sums(model, ids[:take], spec, seq_len, per_problem(layout), level)
                 gen = {k: gen[k] + s[k] for k in GEN_SUMS}
     model.train(was_training)
     tf = reduce(tf).tolist()
@@ -161,19 +158,6 @@ def reference_record(sums: dict[str, float]) -> dict[str, float]:
         count = max(sums[f"{name}_count"], 1.0)
         rec[f"{name}_loss"], rec[f"{name}_acc"] = sums[f"{name}_nll"] / count, sums[f"{name}_correct"] / count
     return rec
-
-
-def prepend(v, prefix: torch.Tensor):
-    """A teacher-forced view with `prefix` (B, k) tokens before every row: they are inputs, never targets."""
-
-    B, k = prefix.shape
-    ids = torch.cat([prefix, v.input_ids], 1)
-    mask = torch.cat([torch.ones_like(prefix, dtype=torch.bool), v.mask], 1)
-    targets = torch.cat([prefix.new_full((B, k), IGNORE), v.targets], 1)
-    shift = torch.arange(k, device=ids.device).expand(B, k)
-    positions = torch.cat([shift, v.position_ids + k], 1)
-    return Blotched(ids, targets, positions, mask, torch.cat([torch.full_like(prefix, -1), v.columns], 1), v.valid,
-                    v.blotched)
 
 
 def during_training(run) -> dict[str, float]:
@@ -224,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(cfg, m, url)
         m.split(args.split)
         state = checkpoint.load(args.checkpoint or args.save_folder)
-        prefix_token = level_token(cfg, m.vocab_size, args.blotch_level)
+        spec = blotch_spec(cfg, m)
+        level = level_index(spec, args.blotch_level)
         batches = loader(cfg, url, args.split, "val_batch_size", False, 0, 1)
     except (ConfigError, ManifestError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -236,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.model_parallel:
         model = model.to(device)
     model.load_state_dict(state["model"])
-    rec = evaluate(model, rng_neutral(batches), blotch_spec(cfg, m), m.seq_len, m.layout, device,
-                   autocast_for(cfg, device), args.max_batches or cfg.max_val_loops,
-                   cfg.gen_val_samples if args.gen_samples is None else args.gen_samples, prefix_token=prefix_token)
+    rec = evaluate(model, rng_neutral(batches), spec, m.seq_len, m.layout, device, autocast_for(cfg, device),
+                   args.max_batches or cfg.max_val_loops,
+                   cfg.gen_val_samples if args.gen_samples is None else args.gen_samples, level=level)
     step = state["progress"]["step"]
     report = {"save_folder": args.save_folder, "step": step, "split": args.split, "dataset": url,
               "blotch_level": args.blotch_level, **rec}
@@ -251,11 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def level_token(cfg: Config, vocab_size: int, level: float | None) -> int | None:
-    """The blotch-intensity token that asks for `level`; None when no level is asked for."""
-    if level is not None:
+def level_index(spec: BlotchSpec, rate: float | None) -> int:
+    """The blotch-intensity level asking for `rate` (default: the lowest)."""
+    if rate is None:
+        return 0
+    if not spec.levels:
         raise ConfigError("--blotch_level: the run was not trained with blotch_tokens")
-    return None
+    for i, x in enumerate(spec.levels):
+        if abs(x - rate) < 1e-6:
+            return i
+    raise ConfigError(f"--blotch_level: {rate} is not one of the run's levels {[round(x, 6) for x in spec.levels]}")
 
 
 if __name__ == "__main__":

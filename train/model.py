@@ -130,8 +130,10 @@ def build_model(cfg: Config, vocab_size: int, window: int, training: bool = True
     """The model a config describes; `window` (cmp_len + seq_len) sizes the default position table.
 
     Every model maps (input_ids, position_ids, mask) to logits and has `decode` for cached generation.
-    `training` false allows a model_parallel device map that offloads layers (evaluation only).
+    `training` false allows a model_parallel device map that offloads layers (evaluation only). The vocabulary
+    is the dataset's plus the blotch-intensity tokens.
     """
+    vocab_size += cfg.n_btokens if cfg.blotch_tokens else 0
     if cfg.model_type == "hf":
         from train.hf_model import HFCausalLM, load_base
 
