@@ -192,3 +192,16 @@ def test_eval_cli_report_matches_the_loop(arith, tmp_path):
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root}, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == ("error: --blotch_level: the run was not trained with "
                                                           "blotch_tokens")
+
+
+@pytest.mark.parametrize("name", ["arithmetic_hf", "arithmetic_compressor", "openwebtext_hf", "openwebtext_compressor"])
+def test_shipped_configs(name):
+    """Every shipped hf/compressor config is valid; those built from a config (no download) build."""
+    from train.config import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                   f"{name}.json"))
+    assert cfg.model_type == name.split("_")[1]
+    if not cfg.pretrained:
+        model = build_model(cfg, 18, cfg.cmp_len + cfg.seq_len)
+        assert sum(p.numel() for p in model.parameters()) > 1e5
