@@ -108,31 +108,32 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec:
     free-running metrics on the first `gen_samples` samples; `reduce` sums tensors over ranks. With
     blotch-intensity levels, windows are blotched at `level`'s rate and led by its token. The training loop
     computes the teacher-forced part itself (`teacher_forced` false)."""
+    need_tf = teacher_forced or hasattr(model, "reference_sums")  # the compressor's baselines
+    if not need_tf and gen_samples <= 0:
+        return {}
     was_training = model.training
     model.eval()
     tf = torch.zeros(len(TF_SUMS), device=device)
     gen = dict.fromkeys(GEN_SUMS, 0.0)
     extra: dict[str, float] = {}
-    done_tf = done_gen = False
+    n_tf = (max_batches if max_batches is not None else float("inf")) if need_tf else 0
     with torch.no_grad():
         for i, batch in enumerate(batches):
-            done_tf = max_batches is not None and i >= max_batches
-            if done_tf and done_gen:
+            if i >= n_tf and gen["rows"] >= gen_samples:
                 break
             ids = batch["input_ids"].to(device)
-            if not done_tf and teacher_forced:
+            if i < n_tf and teacher_forced:
                 v = model_view(model, blotch(ids, batch["sample_id"], 0, spec, train=False, level=level))
                 with autocast():
                     logits = model(v.input_ids, v.position_ids, v.mask)
                 out = token_loss(logits, v.targets.to(logits.device))
                 tf += torch.stack([out.nll, out.correct, out.count]).float().to(device)
-            if not done_tf and hasattr(model, "reference_sums"):  # the compressor's no-context / full-context baselines
+            if i < n_tf and hasattr(model, "reference_sums"):
                 with autocast():
                     for k, x in model.reference_sums(ids, spec).items():
                         extra[k] = extra.get(k, 0.0) + x
             take = gen_samples - int(gen["rows"])
-            done_gen = take <= 0
-            if not done_gen:
+            if take > 0:
                 with autocast():
                     s = free_running_sums(model, ids[:take], spec, seq_len, per_problem(layout), level)
                 gen = {k: gen[k] + s[k] for k in GEN_SUMS}
