@@ -76,7 +76,8 @@ def test_outputs_and_learning(arith, tmp_path):
     assert all(r["ppl"] == pytest.approx(2.718281828 ** r["loss"]) for r in val)
     train_rows = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train_rows] == list(range(1, 25))
-    assert all(0.05 < r["blotch_frac"] < 0.4 for r in train_rows) and all(r["blotch_frac"] == 0 for r in val)
+    fracs = [r["blotch_frac"] for r in train_rows]
+    assert min(fracs) > 0 and 0.05 < sum(fracs) / len(fracs) < 0.3 and all(r["blotch_frac"] == 0 for r in val)
     assert train_rows[0]["lr"] == pytest.approx(cfg.lr / 2)  # warmup
     log = open(os.path.join(folder, "training_log.txt")).read()
     assert "⟦" in log and "‖" in log and "val loss" in log
@@ -201,3 +202,36 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     checkpoint.remove_partial_writes(folder)
     assert sorted(os.listdir(folder)) == ["checkpt_12.pt", "checkpt_9.pt", "latest"]
     assert checkpoint.new_run_folder(str(tmp_path), "x").endswith("x_1")
+
+
+@pytest.mark.slow
+def test_multi_gpu_relaunches_through_the_elastic_launcher(arith, tmp_path):
+    """`python -m train` with multi_gpu starts one process per visible GPU via torch.distributed.run. Two GPUs
+    are faked in the parent only; the children find no CUDA and run on CPU with gloo, like the real path."""
+    cfg = write_cfg(tmp_path, config(arith, tmp_path, exp_name="elastic", multi_gpu=True, n_train_loops=2,
+                                      n_epochs=1))
+    code = ("import torch\n"
+            "torch.cuda.device_count = lambda: 2\n"
+            "from train.__main__ import main\n"
+            f"assert main([{cfg!r}]) == 0\n")
+    p = cli(["-c", code])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    folder = os.path.join(tmp_path, "runs", "elastic")
+    assert os.listdir(folder) == ["elastic_0"]
+    assert json.load(open(os.path.join(folder, "elastic_0", "hyperparams.json")))["world_size"] == 2
+    assert [r["split"] for r in read_metrics(os.path.join(folder, "elastic_0"))] == ["train", "train", "val"]
+
+
+def test_config_resolved_against_the_manifest(arith, tmp_path):
+    from train.config import ConfigError
+    from train.data import open_manifest, resolve
+
+    cfg = config(arith, tmp_path)
+    resolved = resolve(cfg, *open_manifest(cfg))
+    assert (resolved.cmp_len, resolved.seq_len, resolved.separator_ids) == (16, 32, [2])
+    assert resolve(cfg.replace(separator_ids=[5, 7]), *open_manifest(cfg)).separator_ids == [5, 7]
+    with pytest.raises(ConfigError, match=r"'separator_ids': \[99\] outside the vocabulary of 18"):
+        resolve(cfg.replace(separator_ids=[5, 99]), *open_manifest(cfg))
+    with pytest.raises(ConfigError, match="'seq_len': 31 differs from 32"):
+        resolve(cfg.replace(seq_len=31), *open_manifest(cfg))

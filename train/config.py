@@ -37,7 +37,7 @@ class Config:
     dataset: str = _f("arithmetic", "what preprocess tokenizes (arithmetic, openwebtext, glue, text)")
     name: Optional[str] = _f(None, "dataset folder under data_root, as preprocess writes it; null = dataset")
     storage_options: Optional[dict] = _f(None, "fsspec options for data_root (never written to hyperparams.json)")
-    cache_dir: Optional[str] = _f(None, "local shard cache for remote data (default: a temporary folder)")
+    cache_dir: Optional[str] = _f(None, "local shard cache for remote data; null = <system temp>/shards-cache")
     cache_limit: Optional[int] = _f(None, "maximum bytes of the local shard cache", gt=0)
     multi_gpu: bool = _f(False, "data parallel (DDP) over every visible GPU, or under torchrun over its processes")
     model_parallel: bool = _f(False, "shard an hf/compressor model over the visible GPUs with device_map auto (not with multi_gpu)")

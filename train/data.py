@@ -1,6 +1,6 @@
 """The data side of a run: the dataset's manifest checked against the config, the loaders, the train stream.
 
-Data is read only through `shards` (never `preprocess`): `<data_root>/<dataset>` may be a local folder or any
+Data is read only through `shards` (never `preprocess`): `<data_root>/<name or dataset>`, a local folder or any
 fsspec URL. The window shape, vocabulary, padding and separators come from the manifest, so a config cannot
 silently disagree with the data it trains on.
 """
