@@ -82,8 +82,10 @@ def test_stop_token_pads_the_rest():
 def test_pretrained_from_a_local_folder_resizes_vocab(tmp_path):
     src = hf(LLAMA)
     src.model.save_pretrained(tmp_path / "llama")
-    with pytest.warns(UserWarning, match=f"23 embedding rows resized to the dataset's vocabulary of 30"):
-        m = build_model(Config(model_type="hf", hf_model=str(tmp_path / "llama"), pretrained=True), 30, W)
+    with pytest.warns(UserWarning, match=f"23 embedding rows resized to the run's vocabulary of 30"):
+        m = build_model(Config(model_type="hf", hf_model=str(tmp_path / "llama"), pretrained=True,
+                               hf_config={"attention_dropout": 0.25}), 30, W)
+    assert m.model.config.attention_dropout == 0.25  # hf_config applies to pretrained models too
     emb = m.model.get_input_embeddings().weight
     assert emb.shape[0] == 30 and m.model.config.vocab_size == 30
     torch.testing.assert_close(emb[:V], src.model.get_input_embeddings().weight)
@@ -95,7 +97,7 @@ def test_pretrained_from_a_local_folder_resizes_vocab(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"hf_config": {"n_layers": 2}}, "config key 'hf_config': GPT2Config has no attribute 'n_layers'"),
-    ({"hf_config": {"vocab_size": 50257}}, "vocab_size 50257 differs from the dataset's 23"),
+    ({"hf_config": {"vocab_size": 50257}}, "config key 'hf_config': vocab_size comes from the dataset"),
     ({"hf_config": {"n_positions": 8}}, "config key 'hf_config': gpt2 has 8 positions, fewer than the window 20"),
     ({"hf_model": "/nonexistent/model.gguf"}, "config key 'hf_model': /nonexistent/model.gguf not found"),
 ])

@@ -64,4 +64,4 @@ def test_pretrained_gguf_decodes_and_trains(gguf_path):
     before.backward()
     opt.step()
     after = torch.nn.functional.cross_entropy(model(*args)[0, :-1], text[0, 1:])
-    assert float(after) < float(before)
+    assert after.item() < before.item()

@@ -27,15 +27,15 @@ def _source(name: str) -> tuple[str, dict[str, Any]]:
     return name, {}
 
 
-def hf_config(cfg: Config, vocab_size: int):
-    """The architecture to build: hf_model's config (or a model type's defaults) with hf_config applied."""
+def hf_config(cfg: Config, vocab_size: int | None):
+    """hf_model's config (or a model type's defaults) with hf_config applied and the run's vocabulary
+    (None: keep the checkpoint's, which loading then resizes)."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     name, overrides = cfg.hf_model, dict(cfg.hf_config or {})
-    given = overrides.pop("vocab_size", vocab_size)
-    if given != vocab_size:
-        raise ConfigError(f"config key 'hf_config': vocab_size {given} differs from the dataset's {vocab_size}; omit it")
+    if "vocab_size" in overrides:
+        raise ConfigError("config key 'hf_config': vocab_size comes from the dataset (and blotch tokens); omit it")
     bare = not os.path.exists(name) and not name.endswith(".gguf") and name in CONFIG_MAPPING
     path, extra = (name, {}) if bare else _source(name)
     base = AutoConfig.for_model(name) if bare else AutoConfig.from_pretrained(path, **extra)
@@ -44,13 +44,15 @@ def hf_config(cfg: Config, vocab_size: int):
             raise ConfigError(f"config key 'hf_config': {type(base).__name__} has no attribute {key!r}")
     if bare:  # a model type's defaults, no download; built with the overrides so that derived attributes
         # (Llama's head_dim from hidden_size) follow them
-        config = AutoConfig.for_model(name, **overrides, vocab_size=vocab_size)
+        config = AutoConfig.for_model(name, **overrides)
     else:  # a real config: overrides replace its values as they are (set derived ones explicitly)
-        config = AutoConfig.from_pretrained(path, **extra, **overrides, vocab_size=vocab_size)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of another tokenizer mean nothing here
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value >= vocab_size:
-            setattr(config, key, None)
+        config = AutoConfig.from_pretrained(path, **extra, **overrides)
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of another tokenizer mean nothing here
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value >= vocab_size:
+                setattr(config, key, None)
     config.quantization_config = None  # a GGUF checkpoint's; the model is trained in full precision
     return config
 
@@ -74,11 +76,12 @@ def load_causal_lm(cfg: Config, vocab_size: int, window: int, device_map: dict |
 
             extra.update(device_map=device_map, max_memory=max_memory,
                          offload_folder=tempfile.mkdtemp(prefix="offload-"))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config(cfg, None), dtype=torch.float32, **extra)
         rows = model.get_input_embeddings().num_embeddings
         if rows != vocab_size:
-            warnings.warn(f"hf_model {cfg.hf_model}: {rows} embedding rows resized to the dataset's vocabulary of "
-                          f"{vocab_size}; the tokenizers must agree on the shared ids", stacklevel=2)
+            warnings.warn(f"hf_model {cfg.hf_model}: {rows} embedding rows resized to the run's vocabulary of "
+                          f"{vocab_size} (the dataset's, then any blotch tokens); the tokenizers must agree on the "
+                          f"shared ids", stacklevel=2)
             model.resize_token_embeddings(vocab_size, mean_resizing=False)
     else:
         model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size), dtype=torch.float32)
