@@ -136,3 +136,11 @@ def test_trains_end_to_end_with_reference_points(tmp_path):
     assert {"no_ctx_loss", "full_ctx_loss", "no_ctx_acc", "full_ctx_acc", "gen_acc", "answer_acc"} <= set(val)
     state = checkpoint.load(folder)["model"]
     assert "embs" in state and any(k.startswith("base.") for k in state)
+
+
+def test_model_parallel_device_map_gives_the_same_model():
+    """model_parallel loads the base through accelerate's device_map (all on the CPU here): same outputs."""
+    plain, sharded = compressor().eval(), compressor(model_parallel=True).eval()
+    assert hasattr(sharded.base, "hf_device_map")
+    w = model_view(plain, blotch(windows(), torch.arange(6), 0, SPEC))
+    torch.testing.assert_close(sharded(w.input_ids, w.position_ids, w.mask), plain(w.input_ids, w.position_ids, w.mask))
