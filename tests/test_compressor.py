@@ -144,3 +144,11 @@ def test_model_parallel_device_map_gives_the_same_model():
     assert hasattr(sharded.base, "hf_device_map")
     w = model_view(plain, blotch(windows(), torch.arange(6), 0, SPEC))
     torch.testing.assert_close(sharded(w.input_ids, w.position_ids, w.mask), plain(w.input_ids, w.position_ids, w.mask))
+    # evaluation of a checkpoint: load on the CPU, then shard with layers offloaded to disk
+    from train.parallel import shard_loaded
+
+    other = build_model(Config(**LLAMA), synthetic.VOCAB, C + S).eval()
+    other.load_state_dict(plain.state_dict())
+    shard_loaded(other, Config(**LLAMA, model_parallel=True, max_memory={"cpu": "40KB"}))
+    assert "disk" in other.base.hf_device_map.values()
+    torch.testing.assert_close(other(w.input_ids, w.position_ids, w.mask), plain(w.input_ids, w.position_ids, w.mask))

@@ -135,6 +135,16 @@ def test_device_map_spill_keeps_outputs_but_refuses_training():
     torch.testing.assert_close(spilled(*args), whole(*args))
     with pytest.raises(ConfigError, match="config key 'max_memory': the device map offloads"):
         build_model(Config(**kind, max_memory=cap), V, W)
+    # what `python -m train.eval` does with a checkpoint: load on the CPU, then shard (offloaded layers included)
+    from train.parallel import shard_loaded
+
+    torch.manual_seed(1)
+    other = build_model(Config(**{**kind, "model_parallel": False}), V, W).eval()
+    assert not torch.allclose(other(*args), whole(*args))
+    other.load_state_dict(whole.state_dict())
+    sharded = shard_loaded(other, Config(**kind, max_memory=cap))
+    assert "disk" in sharded.model.hf_device_map.values()
+    torch.testing.assert_close(sharded(*args), whole(*args))
 
 
 @pytest.fixture(scope="module")

@@ -218,10 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     from train.dist import setup
 
     device = setup(cfg.replace(multi_gpu=False)).device
-    model = build_model(cfg, m.vocab_size, m.window, training=False)
-    if not cfg.model_parallel:
-        model = model.to(device)
-    model.load_state_dict(state["model"])
+    if cfg.model_parallel:  # load the weights first: a sharded model may have offloaded layers
+        from train.parallel import shard_loaded
+
+        model = build_model(cfg.replace(model_parallel=False, max_memory=None), m.vocab_size, m.window)
+        model.load_state_dict(state["model"])
+        model = shard_loaded(model, cfg)
+    else:
+        model = build_model(cfg, m.vocab_size, m.window).to(device)
+        model.load_state_dict(state["model"])
     rec = evaluate(model, rng_neutral(batches), spec, m.seq_len, m.layout, device, autocast_for(cfg, device),
                    args.max_batches or cfg.max_val_loops,
                    cfg.gen_val_samples if args.gen_samples is None else args.gen_samples, level=level)

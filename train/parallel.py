@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 
+import torch
 from torch import nn
 
 from train.config import Config, ConfigError
@@ -27,11 +28,16 @@ def load_sharded(cfg: Config, vocab_size: int, window: int) -> nn.Module:
     mm = max_memory(cfg)
     if cfg.pretrained:  # loads each layer straight onto its device: never the whole model in CPU RAM first
         return load_causal_lm(cfg, vocab_size, window, device_map="auto", max_memory=mm)
+    return dispatch(load_causal_lm(cfg, vocab_size, window), cfg)
+
+
+def dispatch(model: nn.Module, cfg: Config) -> nn.Module:
+    """Spread a built transformers model over the devices as device_map "auto" would load it."""
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import offload_state_dict
 
-    model = load_causal_lm(cfg, vocab_size, window)
-    device_map = infer_auto_device_map(model, max_memory=mm, no_split_module_classes=model._no_split_modules)
+    device_map = infer_auto_device_map(model, max_memory=max_memory(cfg),
+                                       no_split_module_classes=model._no_split_modules)
     offload = None
     on_disk = tuple(name for name, device in device_map.items() if device == "disk")
     if on_disk:  # dispatch_model reads disk-mapped weights from the folder: write them there first
@@ -40,6 +46,25 @@ def load_sharded(cfg: Config, vocab_size: int, window: int) -> nn.Module:
                                      if any(n == "" or k == n or k.startswith(n + ".") for n in on_disk)})
     model = dispatch_model(model, device_map=device_map, offload_dir=offload)
     model.hf_device_map = device_map
+    return model
+
+
+def shard_loaded(model: nn.Module, cfg: Config) -> nn.Module:
+    """Spread one of our hf/compressor models, built on the CPU and loaded from a checkpoint, over the devices.
+
+    Loading a state dict into an already-dispatched model would leave its offloaded layers untouched, which is
+    why evaluation loads first and shards after."""
+    from train.compressor import Compressor
+
+    if not isinstance(model, Compressor):
+        model.model = dispatch(model.model, cfg)
+        return model
+    model.base = dispatch(model.base, cfg)
+    first = next(d for d in model.base.hf_device_map.values() if d != "disk")
+    device = torch.device("cuda", first) if isinstance(first, int) else torch.device(first)
+    model.embs.data = model.embs.data.to(device)
+    if model.proj is not None:
+        model.proj.to(device)
     return model
 
 
