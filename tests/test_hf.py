@@ -160,9 +160,9 @@ def arith(tmp_path_factory) -> str:
 def run(arith: str, tmp_path, **kw) -> tuple[str, list[dict]]:
     from train.loop import train
 
-    cfg = Config(data_root=arith, dataset="arith", save_root=str(tmp_path / "runs"), device="cpu", log_mod=2,
-                 batch_size=8, val_batch_size=16, max_val_loops=1, n_train_loops=6, n_epochs=1, lr=1e-2,
-                 gen_val_samples=16, **kw)
+    cfg = Config(**{**dict(data_root=arith, dataset="arith", save_root=str(tmp_path / "runs"), device="cpu",
+                           log_mod=2, batch_size=8, val_batch_size=16, max_val_loops=1, n_train_loops=6, n_epochs=1,
+                           lr=1e-2, gen_val_samples=16), **kw})
     folder = checkpoint.new_run_folder(cfg.save_root, cfg.exp_name)
     train(cfg, folder)
     return folder, read_metrics(folder)
@@ -217,3 +217,20 @@ def test_shipped_configs(name):
     if not cfg.pretrained:
         model = build_model(cfg, 18, cfg.cmp_len + cfg.seq_len)
         assert sum(p.numel() for p in model.parameters()) > 1e5
+
+
+def test_resume_is_exact_with_dropout(arith, tmp_path):
+    """A GPT-2 with dropout, stopped after one epoch and resumed, logs what an uninterrupted run logs."""
+    from train.loop import train
+
+    kw = dict(GPT2, blotch_p=0.3, lr_schedule="constant", n_train_loops=3)
+    _, full = run(arith, tmp_path, exp_name="full", **{**kw, "n_epochs": 2})
+    folder, _ = run(arith, tmp_path, exp_name="cut", **kw)
+    from train.__main__ import resume_config
+
+    cfg = resume_config(folder, {"n_epochs": 2})
+    train(cfg, folder, checkpoint.load(folder))
+    resumed = read_metrics(folder)
+    assert len(resumed) == len(full) == 6
+    for a, b in zip(full, resumed):
+        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {k: v for k, v in b.items() if k != "tokens_per_s"}
