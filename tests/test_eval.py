@@ -1,6 +1,9 @@
 """Free-running evaluation: final answers, solution steps and token accuracy, scored with scripted models."""
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from torch import nn
 
@@ -63,3 +66,24 @@ def test_perfect_and_shortcut_models():
     assert rec["answer_acc"] == 7 / 8
     n_tokens = sum(len(r) for r in refs)
     assert rec["gen_acc"] == (n_tokens - 1) / n_tokens
+
+
+def test_text_report_has_token_accuracy_only(tmp_path):
+    """Packed text windows have no final answer: the report gives the continuation's token accuracy."""
+    from tests.conftest import write_dataset
+    from train import checkpoint
+    from train.config import Config
+    from train.eval import main
+    from train.loop import train
+
+    write_dataset(str(tmp_path / "text"), {"train": 64, "val": 16}, cmp_len=4, seq_len=12, vocab_size=50)
+    cfg = Config(data_root=str(tmp_path), dataset="text", device="cpu", save_root=str(tmp_path / "runs"),
+                 model_type="hf", hf_model="gpt2", hf_config={"n_layer": 1, "n_embd": 16, "n_head": 2},
+                 batch_size=8, max_val_loops=1, n_train_loops=2, n_epochs=1, gen_val_samples=8, lr=1e-2)
+    folder = checkpoint.new_run_folder(cfg.save_root, cfg.exp_name)
+    val = train(cfg, folder)
+    assert "gen_acc" in val and "answer_acc" not in val
+    assert main([folder, "--gen_samples", "16"]) == 0
+    report = json.load(open(os.path.join(folder, "eval_val_step2.json")))
+    assert report["gen_samples"] == 16 and 0 <= report["gen_acc"] <= 1 and "gen_steps" not in report
+    assert report["loss"] == val["loss"]
