@@ -15,7 +15,7 @@ def greedy(model: nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor, n_
            pad_id: int, pad_pos_skip: bool = True) -> torch.Tensor:
     """(B, P) left-padded prompts and their mask -> (B, n_new) greedy tokens; after `stop_id` a row is `pad_id`.
 
-    The window frame's positions are passed: a compressor maps them to its own decoder positions.
+    Positions are the window's (what the model was trained on); a compressor decodes at its own instead.
     """
     B, P = prompt.shape
     if pad_pos_skip:
