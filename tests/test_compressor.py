@@ -152,3 +152,42 @@ def test_model_parallel_device_map_gives_the_same_model():
     shard_loaded(other, Config(**LLAMA, model_parallel=True, max_memory={"cpu": "40KB"}))
     assert "disk" in other.base.hf_device_map.values()
     torch.testing.assert_close(other(w.input_ids, w.position_ids, w.mask), plain(w.input_ids, w.position_ids, w.mask))
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one(tmp_path):
+    """A compressor (frozen base, new vectors and projection) under DDP with 2 ranks x batch 4 logs what one
+    process with batch 8 logs, blotching and free-running metrics included."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import write_dataset
+    from train.report import read_metrics
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    write_dataset(str(tmp_path / "arith"), {"train": 96, "val": 32}, cmp_len=C, seq_len=S, content="arithmetic",
+                  samples_per_shard=32)
+    common = {**LLAMA, "cmp_len": None, "data_root": str(tmp_path), "dataset": "arith", "device": "cpu",
+              "save_root": str(tmp_path / "runs"), "log_mod": 1, "max_val_loops": 2, "n_train_loops": 4,
+              "n_epochs": 1, "lr": 1e-2, "gen_val_samples": 8, "blotch_p": 0.3, "proj_cmpr": True, "rmb_task": True}
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = []
+    for name, extra, launcher in (("one", {"batch_size": 8, "val_batch_size": 8}, []),
+                                  ("two", {"batch_size": 4, "val_batch_size": 4, "multi_gpu": True},
+                                   ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**common, **extra, "exp_name": name}))
+        procs.append(subprocess.Popen([sys.executable, *launcher, "-m", "train", str(path)], cwd=root, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    a = read_metrics(str(tmp_path / "runs" / "one" / "one_0"))
+    b = read_metrics(str(tmp_path / "runs" / "two" / "two_0"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 4]
+    for x, y in zip(a, b):
+        for k in ("loss", "acc", "blotch_frac", "gen_acc", "no_ctx_loss", "full_ctx_loss"):
+            if k in x:
+                assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (k, x, y)
