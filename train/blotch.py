@@ -25,16 +25,16 @@ _GOLDEN = 0x9E3779B9
 _STREAM_SEGMENT, _STREAM_COUNT, _STREAM_LEVEL = 0, 1, 2
 
 
-def _mul32(x, c: int):
-    """x * c mod 2**32 for 32-bit x, split in 16-bit halves so no int64 product can overflow."""
-    return (((((x >> 16) * c) & M32) << 16) + (x & 0xFFFF) * c) & M32
+# xorshift-multiply mixing with odd multipliers below 2**31: a 32-bit value times one stays below 2**63, so
+# int64 tensors never overflow (signed overflow is not something to rely on across devices).
+_MUL1, _MUL2 = 0x7FEB352D, 0x2C1B3C6D
 
 
 def _fmix32(h):
     h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
+    h = (h * _MUL1) & M32
+    h = h ^ (h >> 15)
+    h = (h * _MUL2) & M32
     return h ^ (h >> 16)
 
 
@@ -124,8 +124,8 @@ def segment_index(ids: torch.Tensor, valid: torch.Tensor, spec: BlotchSpec) -> t
 
 def draw_levels(sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec) -> torch.Tensor:
     """(B,) a uniform blotch-intensity level per sample, a function of (seed, epoch, sample_id) only."""
-    sid = sample_ids.long()
-    return hash_u32(_STREAM_LEVEL, h=hash_u32(*words64(spec.seed), epoch, *words64(sid))) % len(spec.levels)
+    row = hash_u32(*words64(sample_ids.long()), h=hash_u32(*words64(spec.seed), epoch))
+    return hash_u32(_STREAM_LEVEL, h=row) % len(spec.levels)
 
 
 def choose_segments(n: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec, p: torch.Tensor
@@ -135,7 +135,8 @@ def choose_segments(n: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec:
     width = int(n.max()) + 2 if len(n) else 2
     k = torch.arange(width, device=n.device).expand(len(n), width)
     sid = sample_ids.to(device=n.device, dtype=torch.long)[:, None]
-    row = hash_u32(*words64(spec.seed), epoch, *words64(sid))  # (B, 1): hashed once, continued per segment
+    run = hash_u32(*words64(spec.seed), epoch)  # a Python int, continued per row, then per segment
+    row = hash_u32(*words64(sid), h=run)  # (B, 1)
     if spec.spacing == "random":
         u = hash_u32(_STREAM_SEGMENT, k, h=row) >> (32 - P_BITS)
         chosen = (u < p[:, None]) & (k >= 1) & (k <= n[:, None])
