@@ -44,6 +44,14 @@ def test_positions_mask_and_padding(kind):
     pout = m(padded, torch.arange(14).expand(3, 14), mask)
     assert torch.isfinite(pout).all()
     torch.testing.assert_close(pout[:2, :10], out[:2], rtol=1e-4, atol=1e-5)
+    # a mask that is not a compacted prefix is applied: a hole hides that key, left padding hides the pads
+    holed = torch.ones(3, 10, dtype=torch.bool)
+    holed[:, 3] = False
+    assert not torch.allclose(m(ids, pos, holed)[:, 5], out[:, 5])
+    left = torch.cat([torch.zeros(3, 4, dtype=torch.long), ids], 1)
+    lmask = torch.cat([torch.zeros(3, 4, dtype=torch.bool), torch.ones(3, 10, dtype=torch.bool)], 1)
+    lpos = torch.cat([torch.zeros(3, 4, dtype=torch.long), pos], 1)
+    torch.testing.assert_close(m(left, lpos, lmask)[:, 4:], out, rtol=1e-4, atol=1e-5)
 
 
 def naive_greedy(m, prompt: list[int], n: int) -> list[int]:

@@ -105,7 +105,13 @@ class HFCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """(B, T) ids, positions and key mask (True = a real token) -> (B, T, vocab) logits."""
+        """(B, T) ids, positions and key mask (True = a real token) -> (B, T, vocab) logits.
+
+        Rows compacted to the left (what blotching makes) get no attention mask: causal attention already keeps
+        every real token from seeing the padding after it, padded positions are never targets, and without a
+        mask SDPA may use its flash kernel. Any other mask (holes, left padding) is applied."""
+        if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+            mask = None
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                           attention_mask=None if mask is None else mask.long()).logits
 
