@@ -73,7 +73,8 @@ class Block(nn.Module):
             if cache:
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
             cache[:] = [k, v]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.drop_p if self.training else 0.0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+                                           dropout_p=self.drop_p if self.training else 0.0)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, d)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -117,7 +118,11 @@ class Transformer(nn.Module):
         q_idx = torch.arange(past, past + T, device=input_ids.device)
         k_idx = torch.arange(past + T, device=input_ids.device)
         allowed = k_idx[None, :] <= q_idx[:, None]  # causal: query i sees keys j <= i
-        if mask is not None:
+        if cache is None and (mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all())):
+            # real tokens first in every row (what blotching makes): causal attention alone already hides the
+            # padding from them, padded positions are never targets, and SDPA can use its fused causal kernels
+            allowed = None
+        elif mask is not None:
             allowed = allowed & (mask[:, None, :] | (k_idx[None, :] == q_idx[:, None]))  # a query always sees itself
             allowed = allowed[:, None]  # (B, 1, T, past + T), broadcast over heads
         x = self.drop(self.embed(input_ids) + self.posenc(position_ids))
