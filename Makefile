@@ -40,6 +40,7 @@ test-fast: install
 
 bench: install
 	$(PY) bench/preprocess.py
+	$(PY) bench/loader.py
 	$(PY) bench/train.py
 
 clean:

@@ -21,9 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import fsspec
+
 from shards import storage
 from shards.manifest import ShardInfo
-from shards.verify import VerifyError, check_shard_bytes
+from shards.verify import VerifyError, check_shard_bytes, check_shard_size
 
 CACHE_SUFFIXES = (".arrow", ".tar", ".part")
 
@@ -54,7 +56,7 @@ class ShardCache:
         cache_limit: int | None = None,
         retries: int = 4,
         backoff: float = 0.5,
-        prefetch_threads: int = 4,
+        prefetch_threads: int = 2,
     ):
         self.url, self.shards, self.storage_options = url, shards, storage_options
         self.cache_limit, self.retries, self.backoff = cache_limit, retries, backoff
@@ -63,15 +65,16 @@ class ShardCache:
         self.local = storage.is_local(fs)
         self.cache_dir = None if self.local else os.path.abspath(cache_dir or default_cache_dir())
         self._owner: int | None = None  # pid that created the per-process state below
+        self._own(fs)
 
     def __getstate__(self) -> dict[str, Any]:  # a filesystem client or thread pool never crosses processes
         return {k: v for k, v in self.__dict__.items() if k not in ("_fs", "_pool", "_pending")} | {"_owner": None}
 
-    def _own(self) -> None:
+    def _own(self, fs: fsspec.AbstractFileSystem | None = None) -> None:
         """Per-process state, rebuilt after a fork: the parent's client and threads do not exist here."""
         if self._owner != os.getpid():
             opts = {**(self.storage_options or {}), "skip_instance_cache": True}
-            self._fs, _ = storage.open_fs(self.url, opts)
+            self._fs = fs or storage.open_fs(self.url, opts)[0]
             self._pool: ThreadPoolExecutor | None = None
             self._pending: dict[int, Future] = {}
             self._owner = os.getpid()
@@ -105,6 +108,13 @@ class ShardCache:
             if i not in self._pending:
                 self._pending[i] = self._pool.submit(self._download, i)
 
+    def cancel(self) -> None:
+        """Drop queued prefetches (the pass ended or failed); downloads already running finish on their own."""
+        if self.local or self._owner != os.getpid() or self._pool is None:
+            return
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool, self._pending = None, {}
+
     # ------------------------------------------------------------ local
 
     def _local_path(self, i: int) -> str:
@@ -114,8 +124,7 @@ class ShardCache:
             size = os.path.getsize(path)
         except FileNotFoundError:
             raise VerifyError(f"{path}: missing") from None
-        if size != self.shards[i].bytes:
-            raise VerifyError(f"{path}: {size} bytes, manifest says {self.shards[i].bytes} (truncated or replaced)")
+        check_shard_size(self.shards[i], size, path)
         return path
 
     # ------------------------------------------------------------ remote
@@ -158,8 +167,8 @@ class ShardCache:
         """Retry transient failures with exponential backoff; a missing shard is not transient."""
         path = storage.join(self.root, self.shards[i].path)
         for attempt in range(self.retries + 1):
-            try:
-                return self.fs.cat_file(path)
+            try:  # the manifest gives the size: one ranged GET, where a plain cat_file makes s3fs HEAD first
+                return self.fs.cat_file(path, start=0, end=self.shards[i].bytes)
             except FileNotFoundError:
                 raise VerifyError(f"{self.shard_url(i)}: missing") from None
             except PermissionError as e:

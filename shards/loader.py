@@ -1,7 +1,7 @@
 """StreamingDataLoader: a torch DataLoader over StreamingDataset that knows its place in the epoch.
 
-Workers send whole numpy batches (one pickle per batch, no per-sample hand-off, no shared-memory tensor per
-sample); the main process checks they arrive in order, turns them into tensors without copying, and counts
+Workers send groups of whole numpy batches (one pickle per group, no per-sample hand-off, no shared-memory
+tensor per sample); the main process checks they arrive in order, turns them into tensors without copying, and counts
 what it has *delivered to the caller*: batches prefetched by workers but not yet handed out are not
 consumed, so a checkpoint taken inside the training loop resumes exactly after the last batch trained on.
 """
@@ -22,13 +22,15 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-def _worker_context(dataset: StreamingDataset, num_workers: int) -> multiprocessing.context.BaseContext | None:
-    """Remote data: forkserver, since fsspec/s3fs clients and their event-loop threads do not survive fork.
-    The server imports torch and this package once, so each worker starts in milliseconds, not seconds."""
+def _default_context(dataset: StreamingDataset, num_workers: int) -> multiprocessing.context.BaseContext | None:
+    """Remote data: forkserver. Each worker makes its own client either way, but a fork copies every lock of
+    every thread in the parent (s3fs's event loop, aiohttp's resolver, other libraries' pools), and in the
+    benchmark, forking a process that had run other loaders left S3 workers stuck. The server imports torch
+    and the clients once, so a worker starts in well under a second."""
     if num_workers == 0 or dataset.cache.local:
         return None
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "shards.loader"])
+    ctx.set_forkserver_preload(["torch", "shards.dataset", "s3fs", "gcsfs"])  # missing ones are skipped
     return ctx
 
 
@@ -36,6 +38,9 @@ class StreamingDataLoader(DataLoader):
     """Yields dicts of tensors: `input_ids` (batch, window) int64, `sample_id` int64, and any extra columns.
 
     `batch_size` is the per-rank batch; it overrides the dataset's, since the partition is cut in batches.
+    Workers on local data fork; on remote data they start from a forkserver (so a script needs the usual
+    `if __name__ == "__main__":` guard). Either way each worker creates its own filesystem client and download
+    threads on first use (see `cache.py`). `multiprocessing_context` overrides the choice.
     """
 
     def __init__(
@@ -52,15 +57,16 @@ class StreamingDataLoader(DataLoader):
         if batch_size is not None:
             dataset.batch_size = batch_size
         dataset.partition()  # fail here, not in a worker, on a bad batch size
+        # Pinning happens here, after the tensors exist: DataLoader's pin thread would see numpy arrays.
+        self.pin = pin_memory and torch.cuda.is_available()
         super().__init__(
             dataset,
             batch_size=None,
             num_workers=num_workers,
             collate_fn=_as_is,
-            pin_memory=pin_memory,
             prefetch_factor=prefetch_factor,
             timeout=timeout,
-            multiprocessing_context=multiprocessing_context or _worker_context(dataset, num_workers),
+            multiprocessing_context=multiprocessing_context or _default_context(dataset, num_workers),
         )
 
     def __len__(self) -> int:
@@ -70,15 +76,21 @@ class StreamingDataLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         ds: StreamingDataset = self.dataset
         part = ds.partition()
-        it = super().__iter__()
+        # In-process reading skips DataLoader's per-batch fetcher and profiler hooks.
+        it = super().__iter__() if self.num_workers > 0 else iter(ds)
         try:
-            for expected, (j, arrays) in enumerate(it):
-                if j != expected:
-                    raise RuntimeError(f"loader workers delivered batch {j} where batch {expected} was due")
-                arrays["input_ids"] = arrays["input_ids"].astype(np.int64)  # numpy widens uint16 20x faster than torch
-                batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
-                ds.position = part.start + (j + 1) * part.global_batch
-                yield batch
+            expected = 0
+            for group in it:
+                for j, arrays in group:
+                    if j != expected:
+                        raise RuntimeError(f"loader workers delivered batch {j} where batch {expected} was due")
+                    expected += 1
+                    arrays["input_ids"] = arrays["input_ids"].astype(np.int64)  # numpy widens uint16 20x faster than torch
+                    batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
+                    if self.pin:
+                        batch = {k: v.pin_memory() for k, v in batch.items()}
+                    ds.position = part.start + (j + 1) * part.global_batch
+                    yield batch
         finally:
             # Stop workers now, on a break or an error too. Left to the garbage collector, torch's shutdown
             # can find its queues already finalised and wait 5 s per worker.

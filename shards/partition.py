@@ -4,7 +4,7 @@ From the resume point `start`, the rest of the epoch [start, total) is cut into 
 `batch_size * world_size` consecutive positions; rank r takes the r-th `batch_size` slice of each. The tail
 that does not fill a global batch (fewer than `batch_size * world_size` samples) is dropped, so every rank
 yields exactly the same number of full batches and DDP never waits on a rank that ran out. Within a rank,
-batch j goes to loader worker j % num_workers, and the loader re-interleaves them in order.
+groups of consecutive batches go round-robin to the loader workers, and the loader puts them back in order.
 
 Nothing here depends on what was consumed before `start`: a resume with another world size or worker count
 re-partitions the remaining positions, with no replay, no skip and no reading through consumed data.
@@ -44,5 +44,8 @@ class Partition:
         lo = self.start + j * self.global_batch + self.rank * self.batch_size
         return lo, lo + self.batch_size
 
-    def worker_batches(self, worker: int, num_workers: int) -> range:
-        return range(worker, self.num_batches, num_workers)
+    def worker_groups(self, worker: int, num_workers: int, group: int) -> list[range]:
+        """Worker w's batches: groups of `group` consecutive batches, dealt round-robin to the workers (each
+        group is one message to the main process, which takes them round-robin, so they arrive in order)."""
+        starts = range(worker * group, self.num_batches, num_workers * group)
+        return [range(g, min(g + group, self.num_batches)) for g in starts]

@@ -17,12 +17,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from numpy.random import SeedSequence, default_rng  # imported here, not on first use: forked workers inherit it
 
 MODES = ("none", "full", "block")
 
 
 def _rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, *stream]))
+    return default_rng(SeedSequence([seed, epoch, *stream]))
 
 
 class EpochOrder:

@@ -14,10 +14,14 @@ class VerifyError(ValueError):
     """A shard does not match the manifest; the message names the shard."""
 
 
+def check_shard_size(info: ShardInfo, size: int, url: str) -> None:
+    if size != info.bytes:
+        raise VerifyError(f"{url}: {size} bytes, manifest says {info.bytes} (truncated or replaced)")
+
+
 def check_shard_bytes(info: ShardInfo, data: bytes, url: str) -> None:
     """Size and checksum: cheap enough to run on every download, strong enough to catch truncation."""
-    if len(data) != info.bytes:
-        raise VerifyError(f"{url}: {len(data)} bytes, manifest says {info.bytes} (truncated or replaced)")
+    check_shard_size(info, len(data), url)
     digest = hashlib.sha256(data).hexdigest()
     if digest != info.sha256:
         raise VerifyError(f"{url}: sha256 {digest[:12]}… does not match the manifest's {info.sha256[:12]}…")

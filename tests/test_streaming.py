@@ -80,8 +80,9 @@ def test_partition_full_grid_exactly_once(mode):
                 for rank in range(world):
                     part = Partition(97, 0, batch, world, rank)
                     for workers in (1, 2, 3):
-                        got = sorted(j for w in range(workers) for j in part.worker_batches(w, workers))
-                        assert got == list(range(part.num_batches))
+                        for group in (1, 2, 5):
+                            got = [j for w in range(workers) for g in part.worker_groups(w, workers, group) for j in g]
+                            assert sorted(got) == list(range(part.num_batches))
                     nbatches.add(part.num_batches)
                     for j in range(part.num_batches):
                         seen.extend(order.ids(*part.positions(j)).tolist())
@@ -189,6 +190,41 @@ def test_elastic_resume_exactly_once(tmp_path, make_dataset, fmt, before, after)
     n_after = (101 - p) // g * g
     assert sorted(seen_after) == sorted(full[p : p + n_after]), "resume replayed or skipped samples"
     assert end == {**state, "epoch": 1, "position": 0}
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    total=st.integers(1, 300),
+    before=st.tuples(st.integers(1, 5), st.integers(1, 9)),  # (world size, batch size)
+    after=st.tuples(st.integers(1, 5), st.integers(1, 9)),
+    consumed=st.integers(0, 40),
+)
+def test_repartition_after_resume_is_exactly_once(total, before, after, consumed):
+    """Consume k global batches under one topology, the rest under another: every position at most once, all
+    but fewer than the new global batch, and each rank still yields the same number of batches."""
+    (w1, b1), (w2, b2) = before, after
+    first = Partition(total, 0, b1, w1, 0)
+    k = min(consumed, first.num_batches)
+    positions = [p for r in range(w1) for j in range(k) for p in range(*Partition(total, 0, b1, w1, r).positions(j))]
+    start = k * w1 * b1
+    parts = [Partition(total, start, b2, w2, r) for r in range(w2)]
+    assert len({p.num_batches for p in parts}) == 1
+    positions += [x for p in parts for j in range(p.num_batches) for x in range(*p.positions(j))]
+    assert len(positions) == len(set(positions))
+    assert set(positions) == set(range(len(positions))) and total - len(positions) < w2 * b2
+
+
+def test_resume_does_not_read_consumed_shards(tmp_path, make_dataset):
+    """Resuming starts at the saved position: shards wholly before it are never opened, so deleting them is fine."""
+    make_dataset(str(tmp_path), {"train": 60}, samples_per_shard=10, vocab_size=VOCAB)
+    dl = StreamingDataLoader(StreamingDataset(str(tmp_path), shuffle=False), batch_size=5, num_workers=1)
+    seen = [i for _, b in zip(range(5), dl) for i in b["sample_id"].tolist()]
+    assert seen == list(range(25))
+    state = dl.state_dict()
+    for shard in ("shard-00000", "shard-00001"):  # samples 0-19, all consumed
+        next((tmp_path / "train").glob(f"{shard}.*")).unlink()
+    per_rank, _ = run_ranks(str(tmp_path), 2, 5, 2, state=state, shuffle=False)
+    assert sorted(flat(per_rank)) == list(range(25, 55))
 
 
 def test_resume_at_epoch_end_and_in_a_later_epoch(tmp_path, make_dataset):

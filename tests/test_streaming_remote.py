@@ -47,7 +47,7 @@ def test_s3_cache_limit_and_prefetch(s3_bucket, make_dataset, tmp_path):
     deadline = time.time() + 10  # the next block is fetched in the background while we hold still
     while len([p for p in cache.iterdir() if p.suffix == ".arrow"]) < 4 and time.time() < deadline:
         time.sleep(0.05)
-    assert len([p for p in cache.iterdir() if p.suffix == ".arrow"]) == 4, "next block not prefetched"
+    assert len([p for p in cache.iterdir() if p.suffix == ".arrow"]) >= 4, "next block not prefetched"
     peak = [0]
 
     def watch():
@@ -59,20 +59,23 @@ def test_s3_cache_limit_and_prefetch(s3_bucket, make_dataset, tmp_path):
         watch()
     assert sorted(ids) == list(range(160))
     assert peak[0] <= limit + shard_bytes, f"cache held {peak[0]} bytes, limit {limit}"
+    assert opts["secret"] not in json.dumps(ds.state_dict()), "credentials in the loader state"
     with pytest.raises(ValueError, match="cache_limit .* cannot hold"):
         StreamingDataset(f"{url}/ds", storage_options=opts, cache_dir=str(cache), cache_limit=shard_bytes, shuffle_block=2)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("fmt", ["arrow", "webdataset"])
-def test_s3_workers_exactly_once(s3_bucket, make_dataset, tmp_path, fmt):
-    """Workers get their own clients (forkserver); two ranks share one cache folder."""
+@pytest.mark.parametrize("fmt,context", [("arrow", None), ("webdataset", "fork")])
+def test_s3_workers_exactly_once(s3_bucket, make_dataset, tmp_path, fmt, context):
+    """Forkserver (the default for remote data) or forked workers make their own clients; two ranks share one
+    cache folder."""
     url, opts = s3_bucket
     make_dataset(f"{url}/ds", {"train": 90}, fmt=fmt, samples_per_shard=7, vocab_size=VOCAB, storage_options=opts)
     seen = []
     for rank in range(2):
         ds = StreamingDataset(f"{url}/ds", rank=rank, world_size=2, storage_options=opts, cache_dir=str(tmp_path))
-        seen += read_all(ds, 5, workers=2)
+        for batch in StreamingDataLoader(ds, batch_size=5, num_workers=2, multiprocessing_context=context):
+            seen += check_batch(batch, 5)
     assert len(seen) == len(set(seen)) == 90
 
 
@@ -123,7 +126,8 @@ def test_damaged_remote_shard_names_the_shard(s3_bucket, make_dataset, tmp_path,
     ds = StreamingDataset(f"{url}/ds", storage_options=opts, cache_dir=str(tmp_path))
     with pytest.raises((VerifyError, RuntimeError), match=rf"train/shard-00001\.tar.*{message}"):
         read_all(ds, 3, workers=workers)
-    assert not os.path.exists(ds.cache._dest(1)) and not list(tmp_path.glob("*.part")), "a bad download was kept"
+    bad = ds.cache._dest(1)
+    assert not os.path.exists(bad) and not os.path.exists(bad + ".part"), "a bad download was kept"
 
 
 # ---------------------------------------------------------------- real DDP: two processes, gloo
