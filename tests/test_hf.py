@@ -128,6 +128,14 @@ def test_config_refusals(overrides, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_model_parallel_without_accelerate_is_a_config_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(ConfigError, match="config key 'model_parallel': needs the accelerate package"):
+        hf({**LLAMA, "model_parallel": True})
+
+
 def test_device_map_spill_keeps_outputs_but_refuses_training():
     """model_parallel with a memory cap too small for the model: accelerate offloads layers to disk, the outputs
     do not change, and training refuses such a map (its offloaded weights could not be updated)."""

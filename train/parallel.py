@@ -24,7 +24,15 @@ def max_memory(cfg: Config) -> dict | None:
     return {int(k) if str(k).isdigit() else k: v for k, v in cfg.max_memory.items()}
 
 
+def require_accelerate() -> None:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ConfigError("config key 'model_parallel': needs the accelerate package (pip install accelerate)") from None
+
+
 def load_sharded(cfg: Config, vocab_size: int, window: int) -> nn.Module:
+    require_accelerate()
     mm = max_memory(cfg)
     if cfg.pretrained:  # loads each layer straight onto its device: never the whole model in CPU RAM first
         return load_causal_lm(cfg, vocab_size, window, device_map="auto", max_memory=mm)
@@ -56,6 +64,7 @@ def shard_loaded(model: nn.Module, cfg: Config) -> nn.Module:
     why evaluation loads first and shards after."""
     from train.compressor import Compressor
 
+    require_accelerate()
     if not isinstance(model, Compressor):
         model.model = dispatch(model.model, cfg)
         return model
