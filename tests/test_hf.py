@@ -250,3 +250,15 @@ def test_resume_is_exact_with_dropout(arith, tmp_path):
     assert len(resumed) == len(full) == 6
     for a, b in zip(full, resumed):
         assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {k: v for k, v in b.items() if k != "tokens_per_s"}
+
+
+@pytest.mark.parametrize("kind", [LLAMA, GPT2, {"d_model": 32, "n_heads": 4, "n_layers": 2, "drop_p": 0.0}],
+                         ids=["llama", "gpt2", "transformer"])
+def test_greedy_with_padding_inside_the_prompt(kind):
+    """A blotch-level token before a left-padded cmp part leaves padding inside the prompt: decoding equals
+    decoding the prompt without it."""
+    m = hf(kind)
+    ids = torch.tensor([[7, 0, 0, 3, 4], [7, 0, 9, 2, 5]])
+    mask = torch.tensor([[True, False, False, True, True], [True, False, True, True, True]])
+    out = greedy(m, ids, mask, 5, stop_id=-1, pad_id=0)
+    assert out[0].tolist() == naive_greedy(m, [7, 3, 4], 5) and out[1].tolist() == naive_greedy(m, [7, 9, 2, 5], 5)

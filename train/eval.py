@@ -57,10 +57,9 @@ def free_running_sums(model: nn.Module, ids: torch.Tensor, spec: BlotchSpec, seq
     c = spec.cmp_len
     valid = valid_mask(ids, spec)
     prompt, pmask = ids[:, :c], valid[:, :c]
-    if spec.levels:
+    if spec.levels:  # the token leads the window in training too (its padding, if any, then follows it)
         prompt = torch.cat([prompt.new_full((len(ids), 1), spec.level_token0 + level), prompt], 1)
         pmask = torch.cat([torch.ones_like(pmask[:, :1]), pmask], 1)
-        prompt, pmask = left_align(prompt, pmask, spec.pad_id)
     gen = greedy(model, prompt, pmask, seq_len, spec.eos_id, spec.pad_id, spec.pad_pos_skip)
     ref, rmask = ids[:, c:], valid[:, c:]
     sums = dict.fromkeys(GEN_SUMS, 0.0)
@@ -78,12 +77,6 @@ def free_running_sums(model: nn.Module, ids: torch.Tensor, spec: BlotchSpec, seq
             sums["gen_steps"] += n_steps(g, seps, spec.eos_id)
             sums["ref_steps"] += n_steps(r, seps, spec.eos_id)
     return sums
-
-
-def left_align(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Move each row's real tokens to the right end (left padding), keeping their order."""
-    order = torch.sort(mask.long(), dim=1, stable=True).indices  # padding first, then real tokens in order
-    return torch.where(mask.gather(1, order), ids.gather(1, order), pad_id), mask.gather(1, order)
 
 
 def free_running_record(sums: dict[str, float], per_problem: bool) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Greedy decoding with a KV cache, for any of the trainer's models (they all have `decode`).
 
-Prompts are left-padded (the padded layout's cmp part already is), so every row's next token is in the last
-column and one batched call per step decodes all rows. Positions follow the training convention: the rank among
+Every prompt row ends with a real token (padding may come before or inside it, e.g. the padded layout's
+left-padded cmp part after a blotch-level token), so each row's next token is in the last column and one
+batched call per step decodes all rows. Positions follow the training convention: the rank among
 real tokens (`pad_pos_skip`), or the window column.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch import nn
 @torch.no_grad()
 def greedy(model: nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor, n_new: int, stop_id: int,
            pad_id: int, pad_pos_skip: bool = True) -> torch.Tensor:
-    """(B, P) left-padded prompts and their mask -> (B, n_new) greedy tokens; after `stop_id` a row is `pad_id`.
+    """(B, P) prompts ending in a real token, and their mask -> (B, n_new) greedy tokens; after `stop_id` a row
+    is `pad_id`.
 
     Positions are the window's (what the model was trained on); a compressor decodes at its own instead.
     """
