@@ -133,7 +133,8 @@ def test_trains_end_to_end_with_reference_points(tmp_path):
     tr = [r for r in rows if r["split"] == "train"]
     assert tr[-1]["loss"] < tr[0]["loss"] and all(r["blotch_frac"] > 0 for r in tr)
     val = rows[-1]
-    assert {"no_ctx_loss", "full_ctx_loss", "no_ctx_acc", "full_ctx_acc", "gen_acc", "answer_acc"} <= set(val)
+    assert {"cmp_ctx_loss", "no_ctx_loss", "full_ctx_loss", "no_ctx_acc", "full_ctx_acc", "gen_acc",
+            "answer_acc"} <= set(val)
     state = checkpoint.load(folder)["model"]
     assert "embs" in state and any(k.startswith("base.") for k in state)
 
@@ -191,3 +192,21 @@ def test_ddp_two_gloo_processes_match_one(tmp_path):
         for k in ("loss", "acc", "blotch_frac", "gen_acc", "no_ctx_loss", "full_ctx_loss"):
             if k in x:
                 assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (k, x, y)
+
+
+@pytest.mark.parametrize("rmb_task", [False, True])
+def test_reference_points(rmb_task):
+    """cmp_ctx is the continuation loss alone: the whole val objective without rmb_task, less than all of it
+    with; no_ctx and full_ctx are the base LM on the continuation alone and on the whole window."""
+    from train.loss import token_loss
+
+    m = compressor(rmb_task=rmb_task).eval()
+    ids = windows()
+    sums = m.reference_sums(ids, SPEC)
+    w = model_view(m, blotch(ids, torch.zeros(6, dtype=torch.long), 0, SPEC, train=False))
+    whole = token_loss(m(w.input_ids, w.position_ids, w.mask), w.targets)
+    cont = int((w.columns >= C).sum())
+    assert sums["cmp_ctx_count"] == cont and (whole.count > cont) == rmb_task
+    if not rmb_task:
+        assert sums["cmp_ctx_nll"] == pytest.approx(float(whole.nll), rel=1e-6)
+    assert sums["full_ctx_count"] == cont and sums["no_ctx_count"] == cont - 6  # each row's first token

@@ -132,10 +132,16 @@ class Compressor(nn.Module):
 
     @torch.no_grad()
     def reference_sums(self, ids: torch.Tensor, spec: BlotchSpec) -> dict[str, float]:
-        """The original's two reference points, from the base LM: the continuation alone (no context; its first
-        token has nothing to be predicted from and is not counted) and the whole window (full context)."""
+        """This model on the continuation alone (`cmp_ctx`, without the reconstruction that `loss` may include)
+        next to the original's two reference points from the base LM: the continuation alone (`no_ctx`; its
+        first token has nothing to be predicted from and is not counted) and the whole window (`full_ctx`)."""
         out = {}
         C = self.cmp_len
+        if self.cont:
+            w = self.view(blotch(ids, torch.zeros(len(ids), dtype=torch.long), 0, spec, train=False))
+            logits = self(w.input_ids, w.position_ids, w.mask)
+            cont_targets = torch.where(w.columns >= C, w.input_ids, IGNORE)
+            out["cmp_ctx"] = token_loss(logits, cont_targets.to(logits.device))
         cont, cont_mask = ids[:, C:], valid_mask(ids, spec)[:, C:]
         logits = self._lm(self.base.get_input_embeddings()(cont), cont_mask, rank_positions(cont_mask),
                           use_cache=False).logits
