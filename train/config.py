@@ -40,7 +40,8 @@ class Config:
     cache_dir: Optional[str] = _f(None, "local shard cache for remote data; null = <system temp>/shards-cache")
     cache_limit: Optional[int] = _f(None, "maximum bytes of the local shard cache", gt=0)
     multi_gpu: bool = _f(False, "data parallel (DDP) over every visible GPU, or under torchrun over its processes")
-    model_parallel: bool = _f(False, "shard the model over GPUs (needs model_type hf; not yet supported)")
+    model_parallel: bool = _f(False, "shard an hf/compressor model over the visible GPUs with device_map auto (not with multi_gpu)")
+    max_memory: Optional[dict] = _f(None, "model_parallel: memory cap per device, e.g. {\"0\": \"20GiB\", \"cpu\": \"8GiB\"}")
     device: str = _f("auto", "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, mps ...")
     torch_dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32", "compute dtype under autocast; float16 also uses a GradScaler"
@@ -77,10 +78,16 @@ class Config:
         "random", "random: each segment independently; equal: round(blotch_p*n) evenly spaced segments"
     )
     contig_blotches: bool = _f(True, "allow two adjacent segments to be blotched")
+    blotch_tokens: bool = _f(False, "lead each window with a blotch-intensity token; its level's rate replaces blotch_p")
+    blotch_p_min: float = _f(0.0, "blotch_tokens: the lowest level's rate", ge=0, le=1)
+    blotch_p_max: float = _f(1.0, "blotch_tokens: the highest level's rate", ge=0, le=1)
+    n_btokens: int = _f(11, "blotch_tokens: levels evenly spaced from blotch_p_min to blotch_p_max", ge=1)
     incl_intl_prob: bool = _f(False, "count targets inside the compression part in the loss")
     pad_pos_skip: bool = _f(True, "positions count kept tokens only; false: a token keeps its column in the window")
     # model
-    model_type: Literal["transformer"] = _f("transformer", "model family (transformer: from-scratch pre-LN causal)")
+    model_type: Literal["transformer", "hf", "compressor"] = _f(
+        "transformer", "transformer: from-scratch pre-LN causal; hf: a transformers causal LM; compressor: context compression"
+    )
     d_model: int = _f(128, "model width", ge=1)
     n_heads: int = _f(4, "attention heads (must divide d_model)", ge=1)
     h_mult: int = _f(4, "MLP hidden width = h_mult x d_model", ge=1)
@@ -93,6 +100,21 @@ class Config:
     max_posencs: Optional[int] = _f(None, "rows of the position table; null = 3 x (cmp_len + seq_len)", ge=1)
     posenc_drop_p: Optional[float] = _f(None, "dropout on the positional encodings; null = drop_p", ge=0, lt=1)
     learnable_posencs: bool = _f(False, "train the position table (a Parameter) instead of keeping it fixed")
+    # model_type hf and compressor
+    hf_model: Optional[str] = _f(
+        None, "Hub id, local folder or .gguf file of a causal LM; with pretrained false also a model type (gpt2, llama)"
+    )
+    pretrained: bool = _f(False, "load hf_model's weights; false builds it from its config with hf_config overrides")
+    hf_config: Optional[dict] = _f(None, "overrides of the hf_model config, e.g. {\"n_layer\": 4, \"n_embd\": 128}")
+    n_cmps: int = _f(1, "compressor: learned vectors appended after the cmp part; their states are the compression", ge=1)
+    cmp_layer: Union[int, Literal["half", "last"]] = _f("half", "compressor: hidden-state layer read at those vectors")
+    proj_cmpr: bool = _f(False, "compressor: project the compressed states before decoding")
+    proj_hid_mult: Optional[int] = _f(None, "compressor: null = one Linear projection; k = an MLP of width k x hidden", ge=1)
+    rmb_task: bool = _f(False, "compressor: also reconstruct the compressed tokens from the compression")
+    rmb_only: bool = _f(False, "compressor: train the reconstruction alone (no continuation targets)")
+    train_base: bool = _f(False, "compressor: train the base LM too (default: frozen, only the new vectors learn)")
+    # evaluation
+    gen_val_samples: int = _f(64, "val samples decoded greedily from their cmp part at each validation; 0 = none", ge=0)
     # read by `python -m preprocess --config` only (it checks them); here so one file can drive both
     n_data_procs: Optional[int] = _f(None, "preprocess: tokenizer worker processes")
     tokenizer: Optional[str] = _f(None, "preprocess: Hugging Face tokenizer name or folder, or char")
@@ -171,8 +193,21 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'separator_ids': {cfg.separator_ids!r} must be a list of token ids")
     if cfg.d_model % cfg.n_heads:
         raise ConfigError(f"config key 'n_heads': {cfg.n_heads} does not divide d_model {cfg.d_model}")
-    if cfg.model_parallel:
-        raise ConfigError("config key 'model_parallel': needs model_type hf (not yet supported)")
+    if cfg.model_parallel and cfg.multi_gpu:
+        raise ConfigError("config keys 'model_parallel' and 'multi_gpu' do not combine (one sharded model vs one "
+                          "replica per GPU); set one of them to false")
+    if cfg.model_parallel and cfg.model_type == "transformer":
+        raise ConfigError("config key 'model_parallel': needs model_type hf or compressor, not 'transformer'")
+    if cfg.max_memory is not None and not cfg.model_parallel:
+        raise ConfigError("config key 'max_memory': only used with model_parallel true")
+    if cfg.model_type != "transformer" and not cfg.hf_model:
+        raise ConfigError(f"config key 'hf_model': model_type {cfg.model_type} needs a Hub id, folder or model type")
+    if cfg.blotch_tokens and cfg.blotch_p_min > cfg.blotch_p_max:
+        raise ConfigError(f"config key 'blotch_p_min': {cfg.blotch_p_min} exceeds blotch_p_max {cfg.blotch_p_max}")
+    if cfg.blotch_tokens and cfg.model_type == "compressor":
+        raise ConfigError("config key 'blotch_tokens': not with model_type compressor (its cmp part is compressed)")
+    if cfg.rmb_only and cfg.model_type != "compressor":
+        raise ConfigError("config key 'rmb_only': only for model_type compressor")
 
 
 def check_keys(d: dict[str, Any], source: str) -> None:

@@ -39,7 +39,17 @@ def blotch_spec(cfg: Config, m: Manifest) -> BlotchSpec:
         cmp_len=m.cmp_len, pad_id=m.pad_id, eos_id=m.eos_id, layout=m.layout,
         separator_ids=tuple(cfg.separator_ids), blotch_p=cfg.blotch_p, spacing=cfg.blotch_spacing,
         contig=cfg.contig_blotches, incl_intl_prob=cfg.incl_intl_prob, pad_pos_skip=cfg.pad_pos_skip, seed=cfg.seed,
+        levels=blotch_levels(cfg), level_token0=m.vocab_size,
     )
+
+
+def blotch_levels(cfg: Config) -> tuple[float, ...]:
+    """The blotch-intensity levels: n_btokens rates evenly spaced from blotch_p_min to blotch_p_max, both
+    included; () without blotch_tokens. Their tokens follow the dataset's vocabulary."""
+    if not cfg.blotch_tokens:
+        return ()
+    n, lo, hi = cfg.n_btokens, cfg.blotch_p_min, cfg.blotch_p_max
+    return tuple(lo + (hi - lo) * i / max(n - 1, 1) for i in range(n))
 
 
 def open_manifest(cfg: Config) -> tuple[Manifest, str]:

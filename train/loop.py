@@ -21,11 +21,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from train import checkpoint, dist
+from train import eval as evaluation
 from train.blotch import IGNORE, Blotched, blotch
 from train.config import Config
 from train.data import Data, TrainStream, open_data, rng_neutral
 from train.loss import TokenLoss, token_loss
-from train.model import build_model
+from train.model import build_model, model_view
 from train.optim import Schedule, build_optimizer
 from train.report import RunLog, decode, plot_curves, read_metrics, render_example
 
@@ -107,7 +108,8 @@ def train_step(run: Run) -> tuple[dict[str, float], float]:
     cfg, ctx = run.cfg, run.ctx
     n_micro = micro_batches(cfg, len(run.data.train), run.progress.step_in_epoch)
     micro = [run.stream.next() for _ in range(n_micro)]
-    views = [blotch(b["input_ids"].to(ctx.device), b["sample_id"], pass_, run.data.spec) for pass_, b in micro]
+    views = [model_view(run.model, blotch(b["input_ids"].to(ctx.device), b["sample_id"], pass_, run.data.spec))
+             for pass_, b in micro]
     n_targets = dist.all_reduce_sum(torch.stack([(v.targets != IGNORE).sum() for v in views]).sum(), ctx)
     scale = ctx.world / n_targets.clamp(min=1).float()  # DDP averages over ranks; this turns it into a sum
     sums = torch.zeros(len(SUMS), device=ctx.device)
@@ -141,7 +143,8 @@ def validate(run: Run) -> tuple[dict[str, float], list[str]]:
     for i, batch in enumerate(rng_neutral(data.val)):
         if cfg.max_val_loops is not None and i >= cfg.max_val_loops:
             break
-        v = blotch(batch["input_ids"].to(ctx.device), batch["sample_id"], 0, data.spec, train=False)
+        v = model_view(run.model, blotch(batch["input_ids"].to(ctx.device), batch["sample_id"], 0, data.spec,
+                                         train=False))
         with run.autocast():
             logits = run.model(v.input_ids, v.position_ids, v.mask)
         out = token_loss(logits, v.targets)
@@ -225,7 +228,9 @@ def build(cfg: Config, folder: str, resume: dict[str, Any] | None) -> Run:
     data = open_data(cfg, ctx.rank, ctx.world)
     cfg = data.cfg
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, data.manifest.vocab_size, data.manifest.window).to(ctx.device)
+    model = build_model(cfg, data.manifest.vocab_size, data.manifest.window)
+    if not cfg.model_parallel:  # a device-mapped model is already spread over the GPUs
+        model = model.to(ctx.device)
     if cfg.init_checkpt and resume is None:
         model.load_state_dict(checkpoint.load(cfg.init_checkpt)["model"])
     ddp = model
@@ -281,10 +286,13 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None) -> dic
         t_val = time.perf_counter()
         sums, examples = validate(run)
         last_val = make_record(run, "val", sums, time.perf_counter() - t_val)
+        last_val.update(evaluation.during_training(run))
         run.log.metrics(last_val)
         bar.clear()
         run.log.text(f"epoch {p.epoch + 1}/{cfg.n_epochs} step {p.step}: val loss {last_val['loss']:.4f} "
                      f"acc {last_val['acc']:.4f} ppl {last_val['ppl']:.3f} ({time.perf_counter() - t_epoch:.1f} s)")
+        if evaluation.describe(last_val):
+            run.log.text(f"  free-running: {evaluation.describe(last_val)}")
         run.log.text("  examples (⟦ ⟧ = blotched in training, ‖ = end of the compression part):")
         for line in examples:
             run.log.text(line)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.blotch import Blotched
 from train.config import Config
 
 
@@ -63,10 +64,17 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, h_mult * d), nn.GELU(), nn.Linear(h_mult * d, d))
         self.drop = nn.Dropout(drop_p)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, cache: list[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """`cache` ([] or [keys, values] of earlier tokens) is extended in place: incremental decoding."""
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.drop_p if self.training else 0.0)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+                                           dropout_p=self.drop_p if self.training else 0.0)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, d)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -95,20 +103,50 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """(B, T) ids, positions and key mask (True = a real token) -> (B, T, vocab) logits."""
+        return self._run(input_ids, position_ids, mask, None)
+
+    def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+               cache: list[list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """Incremental decoding: logits of the new tokens given the cache; `mask` covers past and new keys."""
+        cache = [[] for _ in self.blocks] if cache is None else cache
+        return self._run(input_ids, position_ids, mask, cache), cache
+
+    def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+             cache: list[list[torch.Tensor]] | None) -> torch.Tensor:
         B, T = input_ids.shape
-        idx = torch.arange(T, device=input_ids.device)
-        allowed = idx[None, :] <= idx[:, None]  # causal: query i sees keys j <= i
-        if mask is not None:
-            allowed = allowed & (mask[:, None, :] | torch.eye(T, dtype=torch.bool, device=mask.device))
-            allowed = allowed[:, None]  # (B, 1, T, T), broadcast over heads
+        past = cache[0][0].shape[2] if cache and cache[0] else 0
+        q_idx = torch.arange(past, past + T, device=input_ids.device)
+        k_idx = torch.arange(past + T, device=input_ids.device)
+        allowed = k_idx[None, :] <= q_idx[:, None]  # causal: query i sees keys j <= i
+        if cache is None and (mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all())):
+            # real tokens first in every row (what blotching makes): causal attention alone already hides the
+            # padding from them, padded positions are never targets, and SDPA can use its fused causal kernels
+            allowed = None
+        elif mask is not None:
+            allowed = allowed & (mask[:, None, :] | (k_idx[None, :] == q_idx[:, None]))  # a query always sees itself
+            allowed = allowed[:, None]  # (B, 1, T, past + T), broadcast over heads
         x = self.drop(self.embed(input_ids) + self.posenc(position_ids))
-        for block in self.blocks:
-            x = block(x, allowed)
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed, None if cache is None else cache[i])
         return self.head(self.ln_f(x)) * self.logit_scale
 
 
-def build_model(cfg: Config, vocab_size: int, window: int) -> Transformer:
-    """The model a config describes; `window` (cmp_len + seq_len) sizes the default position table."""
+def build_model(cfg: Config, vocab_size: int, window: int, training: bool = True) -> nn.Module:
+    """The model a config describes; `window` (cmp_len + seq_len) sizes the default position table.
+
+    Every model maps (input_ids, position_ids, mask) to logits and has `decode` for cached generation.
+    `training` false allows a model_parallel device map that offloads layers (evaluation only). The vocabulary
+    is the dataset's plus the blotch-intensity tokens.
+    """
+    vocab_size += cfg.n_btokens if cfg.blotch_tokens else 0
+    if cfg.model_type == "hf":
+        from train.hf_model import HFCausalLM, load_base
+
+        return HFCausalLM(load_base(cfg, vocab_size, window, training))
+    if cfg.model_type == "compressor":
+        from train.compressor import Compressor
+
+        return Compressor(cfg, vocab_size, window, training)
     n_pos = cfg.max_posencs or 3 * window
     posenc = PositionalEncoding(
         n_pos, cfg.d_model, cfg.drop_p if cfg.posenc_drop_p is None else cfg.posenc_drop_p,
@@ -116,3 +154,11 @@ def build_model(cfg: Config, vocab_size: int, window: int) -> Transformer:
     )
     return Transformer(vocab_size, cfg.d_model, cfg.n_heads, cfg.h_mult, cfg.n_layers, cfg.drop_p, posenc,
                        cfg.tie_weights)
+
+
+def model_view(model: nn.Module, v: Blotched) -> Blotched:
+    """The batch as the model reads it: a compressor separates the compressed part from the continuation (see
+    train/compressor.py); the other models take the blotched batch as it is."""
+    from train.compressor import Compressor
+
+    return model.view(v) if isinstance(model, Compressor) else v
