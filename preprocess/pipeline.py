@@ -236,6 +236,7 @@ class Run:
         kind, extra_cols = job.source.kind, list(job.source.columns)
         resume_from = [assemblers[s].next_doc for s in SPLITS]
         started, n_tokens = time.perf_counter(), 0
+        self.skipped = 0  # documents already in committed shards: read, not tokenized
 
         def consume(chunk: enc.Chunk, result) -> None:
             nonlocal n_tokens
@@ -264,6 +265,7 @@ class Run:
                 for code, split in enumerate(SPLITS):
                     documents[split] += int((chunk.split == code).sum())
                 todo = chunk.doc_idx >= np.asarray(resume_from)[chunk.split]
+                self.skipped += int((~todo).sum())
                 if todo.all():
                     yield chunk
                 elif todo.any():
@@ -271,21 +273,20 @@ class Run:
                 else:
                     bar.update(len(chunk.doc_idx))
 
-        if job.n_data_procs <= 1:
+        # Tokenizing happens in worker processes even for n_data_procs=1: the main process's reading, windowing
+        # and writing then overlap it, and tokenizers run measurably slower in a process that has imported
+        # torch, datasets and transformers. No fork: the parent may hold s3fs threads and rayon pools.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(job.n_data_procs, initializer=enc.init_worker, initargs=(encoder,)) as pool:
+            inflight: deque = deque()
             for chunk in to_encode():
-                consume(chunk, encoder.text(chunk) if kind == "text" else encoder.pairs(chunk))
-        else:
-            ctx = multiprocessing.get_context("spawn")  # no fork: the parent may hold s3fs threads and rayon pools
-            with ctx.Pool(job.n_data_procs, initializer=enc.init_worker, initargs=(encoder,)) as pool:
-                inflight: deque = deque()
-                for chunk in to_encode():
-                    inflight.append((chunk, pool.apply_async(enc.encode_in_worker, (kind, chunk))))
-                    while len(inflight) > 2 * job.n_data_procs + 2:
-                        c, r = inflight.popleft()
-                        consume(c, r.get())
-                while inflight:
+                inflight.append((chunk, pool.apply_async(enc.encode_in_worker, (kind, chunk))))
+                while len(inflight) > 2 * job.n_data_procs + 2:
                     c, r = inflight.popleft()
                     consume(c, r.get())
+            while inflight:
+                c, r = inflight.popleft()
+                consume(c, r.get())
         for w in writers.values():
             w.close()
 
@@ -330,6 +331,7 @@ class Run:
             f"{m.name}: {docs} documents, {tokens} tokens, windows {per_split}, {shards} shards, "
             f"{size / 1e6:.1f} MB, {dropped} tokens dropped, {too_long} too long, {seconds:.1f} s "
             f"({tokens / max(seconds, 1e-9):,.0f} tokens/s) -> {self.url}"
+            + (f" (resumed: {self.skipped} documents were already in shards)" if self.skipped else "")
         )
 
 
