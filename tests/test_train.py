@@ -50,6 +50,13 @@ def cli(args: list[str], **env: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+def main_in_subprocess(cfg_path: str, prelude: str, timeout: float) -> None:
+    """`train`'s main in a fresh interpreter after `prelude` ran there (to block imports, fake GPUs ...)."""
+    p = cli(["-c", f"{prelude}\nfrom train.__main__ import main\nassert main([{cfg_path!r}]) == 0\n"])
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out
+
+
 def write_cfg(tmp_path, cfg: Config, name: str = "cfg.json") -> str:
     path = tmp_path / name
     path.write_text(json.dumps(cfg.to_dict()))
@@ -147,14 +154,9 @@ def test_ddp_two_gloo_processes_match_one(arith, tmp_path):
 def test_trains_without_optional_packages(arith, tmp_path):
     """`train` needs neither torchdata, webdataset nor datasets, and never imports preprocess."""
     cfg = write_cfg(tmp_path, config(arith, tmp_path, n_train_loops=2, n_epochs=1))
-    code = ("import sys\n"
-            "for name in ('torchdata', 'webdataset', 'datasets', 'preprocess'):\n"
-            "    sys.modules[name] = None  # any import of them now fails\n"
-            "from train.__main__ import main\n"
-            f"assert main([{cfg!r}]) == 0\n")
-    p = cli(["-c", code])
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out
+    main_in_subprocess(cfg, "import sys\n"
+                            "for name in ('torchdata', 'webdataset', 'datasets', 'preprocess'):\n"
+                            "    sys.modules[name] = None  # any import of them now fails", timeout=120)
 
 
 def test_torch_dtype_applies(arith, tmp_path):
@@ -211,13 +213,7 @@ def test_multi_gpu_relaunches_through_the_elastic_launcher(arith, tmp_path):
     are faked in the parent only; the children find no CUDA and run on CPU with gloo, like the real path."""
     cfg = write_cfg(tmp_path, config(arith, tmp_path, exp_name="elastic", multi_gpu=True, n_train_loops=2,
                                       n_epochs=1))
-    code = ("import torch\n"
-            "torch.cuda.device_count = lambda: 2\n"
-            "from train.__main__ import main\n"
-            f"assert main([{cfg!r}]) == 0\n")
-    p = cli(["-c", code])
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
+    main_in_subprocess(cfg, "import torch\ntorch.cuda.device_count = lambda: 2", timeout=300)
     folder = os.path.join(tmp_path, "runs", "elastic")
     assert os.listdir(folder) == ["elastic_0"]
     assert json.load(open(os.path.join(folder, "elastic_0", "hyperparams.json")))["world_size"] == 2
