@@ -45,14 +45,6 @@ class SplitInfo:
     def samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
-    def shard_offsets(self) -> list[int]:
-        """The sample id of each shard's first sample: sample ids are positions in manifest order."""
-        offsets, total = [], 0
-        for s in self.shards:
-            offsets.append(total)
-            total += s.samples
-        return offsets
-
 
 @dataclass
 class Manifest:

@@ -92,10 +92,6 @@ class Blotched:
     valid: torch.Tensor  # (B, L) bool, the window's non-padding tokens
     blotched: torch.Tensor  # (B, L) bool, the window's excised tokens
 
-    @property
-    def n_blotched(self) -> torch.Tensor:
-        return self.blotched.sum(1)
-
 
 def valid_mask(ids: torch.Tensor, spec: BlotchSpec) -> torch.Tensor:
     """True on real tokens. Padded layout: the cmp part's leading pad run; in the seq part everything after
