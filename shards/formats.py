@@ -42,13 +42,19 @@ def decode_arrow(source: bytes | str, name: str = "shard") -> dict[str, np.ndarr
         raise ShardFormatError(f"{name}: not a readable Arrow IPC file ({e})") from e
     if TOKENS not in table.column_names:
         raise ShardFormatError(f"{name}: no {TOKENS!r} column (columns: {table.column_names})")
-    col = table.column(TOKENS).combine_chunks()
+    col = _one_chunk(table.column(TOKENS))
     window = col.type.list_size
     out = {TOKENS: _numpy_view(col.values).reshape(-1, window)}
     for c in table.column_names:
         if c != TOKENS:
-            out[c] = _numpy_view(table.column(c).combine_chunks())
+            out[c] = _numpy_view(_one_chunk(table.column(c)))
     return out
+
+
+def _one_chunk(col: pa.ChunkedArray) -> pa.Array:
+    """Our shards hold one record batch. `combine_chunks` copies even a single chunk, which would turn a
+    memory map into a heap copy of the whole shard."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 def _numpy_view(arr: pa.Array) -> np.ndarray:

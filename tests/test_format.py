@@ -19,6 +19,19 @@ def test_roundtrip_and_determinism(fmt):
     np.testing.assert_array_equal(out["label"], extras["label"])
 
 
+def test_arrow_shard_on_disk_decodes_as_a_memory_map(tmp_path):
+    """Readers rely on this: a local Arrow shard is read in place, never copied into the heap whole."""
+    import pyarrow as pa
+
+    tokens = np.arange(4096, dtype=np.uint16).reshape(4, 1024)
+    path = tmp_path / "x.arrow"
+    path.write_bytes(formats.encode("arrow", tokens, {"label": np.array([0, 1, 1, 0])}, first_id=0))
+    before = pa.total_allocated_bytes()
+    out = formats.decode("arrow", str(path))
+    assert pa.total_allocated_bytes() == before
+    np.testing.assert_array_equal(out["input_ids"], tokens)
+
+
 def test_stock_webdataset_reads_our_tars(tmp_path):
     import webdataset as wds
 
