@@ -85,8 +85,10 @@ class StreamingDataLoader(DataLoader):
                     if j != expected:
                         raise RuntimeError(f"loader workers delivered batch {j} where batch {expected} was due")
                     expected += 1
-                    arrays["input_ids"] = arrays["input_ids"].astype(np.int64)  # numpy widens uint16 20x faster than torch
-                    batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
+                    # Copies: arrays read in this process are views of a buffer that the next read overwrites.
+                    # numpy widens uint16 20x faster than torch.
+                    batch = {k: torch.from_numpy(v.astype(np.int64 if k == "input_ids" else v.dtype))
+                             for k, v in arrays.items()}
                     if self.pin:
                         batch = {k: v.pin_memory() for k, v in batch.items()}
                     ds.position = part.start + (j + 1) * part.global_batch

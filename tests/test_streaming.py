@@ -145,6 +145,16 @@ def test_exactly_once_equal_batches(tmp_path, make_dataset, fmt, world, workers,
     assert state["epoch"] == 1 and state["position"] == 0
 
 
+@pytest.mark.parametrize("fmt", ["arrow", "webdataset"])
+def test_batches_stay_the_callers_after_later_reads(tmp_path, make_dataset, fmt):
+    """Reading in-process reuses staging buffers from read to read (1,024 samples); every batch handed out
+    must keep its rows when the loader goes on, here over seven reads."""
+    make_dataset(str(tmp_path), {"train": 7000}, fmt=fmt, samples_per_shard=500, vocab_size=VOCAB, with_label=True)
+    batches = list(StreamingDataLoader(StreamingDataset(str(tmp_path), seed=0), batch_size=16))
+    seen = [i for b in batches for i in check_batch(b, 16, with_label=True)]
+    assert len(seen) == len(set(seen)) == 7000 - 7000 % 16
+
+
 def test_same_global_batches_for_any_topology(tmp_path, make_dataset):
     make_dataset(str(tmp_path), {"train": 120}, samples_per_shard=11, vocab_size=VOCAB)
     url = str(tmp_path)
