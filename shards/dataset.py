@@ -164,7 +164,7 @@ class StreamingDataset(IterableDataset):
                     stop = min(self.total, end + 2 * ahead)
                     self.cache.prefetch(order.shards(prefetched, stop))
                     prefetched = stop
-                batches = iter(reader.gather([order.ids(lo, hi) for lo, hi in spans], order))
+                batches = iter(reader.gather(np.stack([order.ids(lo, hi) for lo, hi in spans]), order))
                 for group in read:
                     yield [(j, next(batches)) for j in group]
         finally:
@@ -230,30 +230,28 @@ class _ShardReader:
             self.open.popitem(last=False)
         return arrays
 
-    def gather(self, batches: list[np.ndarray], order: EpochOrder) -> list[dict[str, np.ndarray]]:
-        """The rows of each batch of sample ids, each batch in sample-id order (the same set as its positions).
+    def gather(self, batches: np.ndarray, order: EpochOrder) -> list[dict[str, np.ndarray]]:
+        """The rows of each batch of sample ids (one batch a row of `batches`), each batch in sample-id order.
 
         All ids are sorted together, so each shard is one `take` into a staging buffer however many batches it
         serves; one more `take` puts the rows in batch order, so that each batch is a contiguous slice that
         the loader widens in one cache-friendly pass, as it would a sequential read. No step allocates: in the
         main process both buffers are reused and the batches are views that the next read overwrites (the
         loader copies them); a worker's batches are pickled later by a queue thread, so they get a new buffer."""
-        ids = np.concatenate(batches)
-        by_id = np.argsort(ids, kind="stable")
-        sorted_ids = ids[by_id]
+        in_batch = np.sort(batches, axis=1).ravel()
+        sorted_ids = np.sort(in_batch)  # ids are unique within an epoch
         cuts = np.searchsorted(sorted_ids, order.offsets)  # where each shard's ids begin
-        by_shard = self.buffers("by_shard", len(ids), reuse=True)
-        for s in np.flatnonzero(cuts[1:] > cuts[:-1]):
+        local = sorted_ids - np.repeat(order.offsets[:-1], np.diff(cuts))  # row within its shard
+        by_shard = self.buffers("by_shard", len(in_batch), reuse=True)
+        for s in np.flatnonzero(np.diff(cuts)):
             lo, hi = cuts[s], cuts[s + 1]
-            rows = sorted_ids[lo:hi] - order.offsets[s]
             src = self.shard(int(s))
             for c, out in by_shard.items():
-                np.take(src[c], rows, axis=0, out=out[lo:hi], mode="clip")  # rows are in range; "raise" buffers
-        batch_of = np.repeat(np.arange(len(batches)), [len(b) for b in batches])
-        rows = np.argsort(batch_of[by_id], kind="stable")  # staging rows in batch order, by id within a batch
-        by_batch = self.buffers("by_batch", len(ids), reuse=self.reuse)
+                np.take(src[c], local[lo:hi], axis=0, out=out[lo:hi], mode="clip")  # in range; "raise" buffers
+        rows = np.searchsorted(sorted_ids, in_batch)  # staging row of each sample, in batch order
+        by_batch = self.buffers("by_batch", len(in_batch), reuse=self.reuse)
         for c, out in by_batch.items():
             np.take(by_shard[c], rows, axis=0, out=out, mode="clip")
-        bounds = np.cumsum([0] + [len(b) for b in batches])
-        return [{**{c: a[lo:hi] for c, a in by_batch.items()}, "sample_id": sorted_ids[rows[lo:hi]]}
-                for lo, hi in zip(bounds[:-1], bounds[1:])]
+        n = batches.shape[1]
+        return [{**{c: a[lo : lo + n] for c, a in by_batch.items()}, "sample_id": in_batch[lo : lo + n]}
+                for lo in range(0, len(in_batch), n)]
