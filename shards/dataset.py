@@ -1,8 +1,8 @@
 """StreamingDataset: one rank's share of a split, as whole batches, in a global order that survives resumes.
 
-The dataset yields groups of `(batch_index, arrays)` pairs: whole batches of numpy arrays, so the only
-per-sample work is numpy fancy indexing, and loader workers hand one message per group to the main process. `StreamingDataLoader`
-turns them into tensors and keeps the place. Where the data sits (local path or fsspec URL) only changes how a
+The dataset yields messages `(first_batch_index, arrays)`: numpy arrays holding several consecutive batches
+end to end, so the only per-sample work is numpy fancy indexing and loader workers hand one pickle per
+message to the main process. `StreamingDataLoader` cuts them into tensors and keeps the place. Where the data sits (local path or fsspec URL) only changes how a
 shard reaches local disk (`cache.py`); order (`shuffle.py`) and partition (`partition.py`) are the same for
 both formats and all storages.
 """
@@ -26,7 +26,7 @@ from shards.verify import VerifyError, check_shard_arrays
 
 STATE_VERSION = 1
 DEFAULT_BLOCK_SHARDS = 16  # shards per shuffle block for remote data (MosaicML advises blocks >= 10 shards)
-READ_SAMPLES = 1024  # samples read from the shards in one go: 2 MB staging buffers for 1,024 uint16 tokens, within L2
+READ_SAMPLES = 1024  # samples read from the shards in one go (2 MB staging buffers for 1,024 uint16 tokens)
 MESSAGE_SAMPLES = 256  # samples per worker-to-loader message: 8 batches of 32 moved 2x faster than 1 or 64
 
 
@@ -138,8 +138,9 @@ class StreamingDataset(IterableDataset):
 
     # ------------------------------------------------------------ reading
 
-    def __iter__(self) -> Iterator[list[tuple[int, dict[str, np.ndarray]]]]:
-        """This worker's batches of the rest of the epoch, as messages: lists of (batch index, arrays).
+    def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """This worker's batches of the rest of the epoch, as messages: (index of the first batch, arrays of
+        consecutive batches end to end).
 
         A message holds about MESSAGE_SAMPLES samples of consecutive batches, because a DataLoader queue costs
         ~100 us per message whatever its size while pickles of several MB cost more than they save. Several
@@ -164,9 +165,12 @@ class StreamingDataset(IterableDataset):
                     stop = min(self.total, end + 2 * ahead)
                     self.cache.prefetch(order.shards(prefetched, stop))
                     prefetched = stop
-                batches = iter(reader.gather(np.stack([order.ids(lo, hi) for lo, hi in spans]), order))
+                arrays = reader.gather(np.stack([order.ids(lo, hi) for lo, hi in spans]), order)
+                lo = 0
                 for group in read:
-                    yield [(j, next(batches)) for j in group]
+                    hi = lo + len(group) * self.batch_size
+                    yield group[0], {c: a[lo:hi] for c, a in arrays.items()}
+                    lo = hi
         finally:
             self.cache.cancel()
 
@@ -230,14 +234,15 @@ class _ShardReader:
             self.open.popitem(last=False)
         return arrays
 
-    def gather(self, batches: np.ndarray, order: EpochOrder) -> list[dict[str, np.ndarray]]:
-        """The rows of each batch of sample ids (one batch a row of `batches`), each batch in sample-id order.
+    def gather(self, batches: np.ndarray, order: EpochOrder) -> dict[str, np.ndarray]:
+        """The rows of the batches of sample ids (one batch a row of `batches`), end to end, each batch in
+        sample-id order.
 
         All ids are sorted together, so each shard is one `take` into a staging buffer however many batches it
         serves; one more `take` puts the rows in batch order, so that each batch is a contiguous slice that
         the loader widens in one cache-friendly pass, as it would a sequential read. No step allocates: in the
-        main process both buffers are reused and the batches are views that the next read overwrites (the
-        loader copies them); a worker's batches are pickled later by a queue thread, so they get a new buffer."""
+        main process both buffers are reused and the result is a view that the next read overwrites (the
+        loader copies it); a worker's result is pickled later by a queue thread, so it gets a new buffer."""
         in_batch = np.sort(batches, axis=1).ravel()
         sorted_ids = np.sort(in_batch)  # ids are unique within an epoch
         cuts = np.searchsorted(sorted_ids, order.offsets)  # where each shard's ids begin
@@ -252,6 +257,4 @@ class _ShardReader:
         by_batch = self.buffers("by_batch", len(in_batch), reuse=self.reuse)
         for c, out in by_batch.items():
             np.take(by_shard[c], rows, axis=0, out=out, mode="clip")
-        n = batches.shape[1]
-        return [{**{c: a[lo : lo + n] for c, a in by_batch.items()}, "sample_id": in_batch[lo : lo + n]}
-                for lo in range(0, len(in_batch), n)]
+        return {**by_batch, "sample_id": in_batch}
