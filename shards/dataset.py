@@ -2,9 +2,9 @@
 
 The dataset yields messages `(first_batch_index, arrays)`: numpy arrays holding several consecutive batches
 end to end, so the only per-sample work is numpy fancy indexing and loader workers hand one pickle per
-message to the main process. `StreamingDataLoader` cuts them into tensors and keeps the place. Where the data sits (local path or fsspec URL) only changes how a
-shard reaches local disk (`cache.py`); order (`shuffle.py`) and partition (`partition.py`) are the same for
-both formats and all storages.
+message to the main process. `StreamingDataLoader` cuts them into tensors and keeps the place. Where the data
+sits (local path or fsspec URL) only changes how a shard reaches local disk (`cache.py`); order
+(`shuffle.py`) and partition (`partition.py`) are the same for both formats and all storages.
 """
 from __future__ import annotations
 
@@ -208,8 +208,8 @@ class _ShardReader:
 
     def buffers(self, kind: str, n: int, reuse: bool) -> dict[str, np.ndarray]:
         """Staging arrays for n samples, kept from read to read when `reuse`. Fresh multi-MB buffers per read
-        come from the OS and go back to it, and on this kind of machine the page faults of new memory cost
-        more than the copies into it (a 3x slower loader)."""
+        come from the OS and go back to it, and the page faults of new memory cost more than the copies into
+        it (measured on a 2-core VM: a 3x slower loader)."""
         kept = self.staging[kind]
         if not reuse or not kept or len(kept[formats.TOKENS]) < n:
             window = self.ds.manifest.window

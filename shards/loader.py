@@ -2,8 +2,9 @@
 
 Workers send messages of several whole numpy batches (one pickle per message, no per-sample hand-off, no
 shared-memory tensor per sample); the main process checks they arrive in order, cuts them into batches of
-tensors (widening the tokens to int64 on the way), and counts what it has *delivered to the caller*: batches prefetched by workers but not yet handed out are not
-consumed, so a checkpoint taken inside the training loop resumes exactly after the last batch trained on.
+tensors (widening the tokens to int64 on the way), and counts what it has *delivered to the caller*: batches
+prefetched by workers but not yet handed out are not consumed, so a checkpoint taken inside the training loop
+resumes exactly after the last batch trained on.
 """
 from __future__ import annotations
 
