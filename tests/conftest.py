@@ -107,6 +107,14 @@ def write_dataset(
     save_manifest(fs, root, m)
 
 
+def arithmetic_root(tmp_path_factory, train: int, val: int) -> str:
+    """A data_root whose dataset `arith` holds arithmetic windows (cmp_len 16, seq_len 32): the trainer's tests."""
+    root = tmp_path_factory.mktemp("data")
+    write_dataset(str(root / "arith"), {"train": train, "val": val}, cmp_len=16, seq_len=32, content="arithmetic",
+                  samples_per_shard=100)
+    return str(root)
+
+
 @pytest.fixture
 def make_dataset():
     return write_dataset

@@ -165,12 +165,9 @@ def test_device_map_spill_keeps_outputs_but_refuses_training():
 
 @pytest.fixture(scope="module")
 def arith(tmp_path_factory) -> str:
-    from tests.conftest import write_dataset
+    from tests.conftest import arithmetic_root
 
-    root = tmp_path_factory.mktemp("data")
-    write_dataset(str(root / "arith"), {"train": 200, "val": 32}, cmp_len=16, seq_len=32, content="arithmetic",
-                  samples_per_shard=100)
-    return str(root)
+    return arithmetic_root(tmp_path_factory, train=200, val=32)
 
 
 def run(arith: str, tmp_path, **kw) -> tuple[str, list[dict]]:

@@ -24,12 +24,9 @@ EXACT_KEYS = ("step", "epoch", "split", "loss", "acc", "lr", "blotch_frac", "gra
 
 @pytest.fixture(scope="module")
 def arith(tmp_path_factory) -> str:
-    from tests.conftest import write_dataset
+    from tests.conftest import arithmetic_root
 
-    root = tmp_path_factory.mktemp("data")
-    write_dataset(str(root / "arith"), {"train": 400, "val": 64}, cmp_len=16, seq_len=32, content="arithmetic",
-                  samples_per_shard=100)
-    return str(root)
+    return arithmetic_root(tmp_path_factory, train=400, val=64)
 
 
 def config(arith: str, tmp_path, **kw) -> Config:
