@@ -310,5 +310,6 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None) -> dic
                      f"{last_val['acc']:.4f} after {p.step} steps\n  outputs: {folder}/ (metrics.jsonl, "
                      f"training_log.txt, {os.path.basename(checkpoint.latest_path(folder))})\n"
                      f"  plot:    {plot if os.path.exists(plot) else 'none (matplotlib is not installed)'}")
+    del run  # DDP's reducer holds work on the process group: release it before the group goes
     dist.teardown(ctx)
     return last_val
