@@ -206,10 +206,12 @@ class _ShardReader:
         self.columns = {formats.TOKENS: np.dtype(m.dtype), **{c: np.dtype(t) for c, t in m.columns.items()}}
         self.staging: dict[str, dict[str, np.ndarray]] = {"by_shard": {}, "by_batch": {}}
 
-    def buffers(self, kind: str, n: int, reuse: bool) -> dict[str, np.ndarray]:
-        """Staging arrays for n samples, kept from read to read when `reuse`. Fresh multi-MB buffers per read
-        come from the OS and go back to it, and the page faults of new memory cost more than the copies into
-        it (measured on a 2-core VM: a 3x slower loader)."""
+    def buffers(self, kind: str, n: int) -> dict[str, np.ndarray]:
+        """Staging arrays for n samples, kept from read to read: "by_shard" always (it never leaves the reader),
+        "by_batch" when `reuse`. Fresh multi-MB buffers per read come from the OS and go back to it, and the
+        page faults of new memory cost more than the copies into it (measured on a 2-core VM: a 3x slower
+        loader)."""
+        reuse = self.reuse or kind == "by_shard"
         kept = self.staging[kind]
         if not reuse or not kept or len(kept[formats.TOKENS]) < n:
             window = self.ds.manifest.window
@@ -247,14 +249,14 @@ class _ShardReader:
         sorted_ids = np.sort(in_batch)  # ids are unique within an epoch
         cuts = np.searchsorted(sorted_ids, order.offsets)  # where each shard's ids begin
         local = sorted_ids - np.repeat(order.offsets[:-1], np.diff(cuts))  # row within its shard
-        by_shard = self.buffers("by_shard", len(in_batch), reuse=True)
+        by_shard = self.buffers("by_shard", len(in_batch))
         for s in np.flatnonzero(np.diff(cuts)):
             lo, hi = cuts[s], cuts[s + 1]
             src = self.shard(int(s))
             for c, out in by_shard.items():
                 np.take(src[c], local[lo:hi], axis=0, out=out[lo:hi], mode="clip")  # in range; "raise" buffers
         rows = np.searchsorted(sorted_ids, in_batch)  # staging row of each sample, in batch order
-        by_batch = self.buffers("by_batch", len(in_batch), reuse=self.reuse)
+        by_batch = self.buffers("by_batch", len(in_batch))
         for c, out in by_batch.items():
             np.take(by_shard[c], rows, axis=0, out=out, mode="clip")
         return {**by_batch, "sample_id": in_batch}
