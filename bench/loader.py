@@ -78,8 +78,9 @@ def measure(name: str, batches: Callable[[], Iterable], size: Callable[[object],
             repeats: int | None = None) -> None:
     """The best of `repeats` runs (a run that stops on the budget is not repeated). Each run's rate covers the
     whole run, start-up included; the note says when its first batch came and the rate after it."""
+    repeats = repeats or REPEATS
     best = None
-    for _ in range(repeats or REPEATS):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         n = first_n = 0
         first = None
@@ -95,7 +96,7 @@ def measure(name: str, batches: Callable[[], Iterable], size: Callable[[object],
             best = (n / elapsed, f"{n} samples; first batch {first or 0:.2f} s, then {after:,.0f}/s")
         if elapsed > budget:
             break
-    report(name, best[0], best[1] + (f"; best of {repeats or REPEATS}" if (repeats or REPEATS) > 1 else ""))
+    report(name, best[0], best[1] + (f"; best of {repeats}" if repeats > 1 else ""))
 
 
 def report(name: str, rate: float, note: str) -> None:

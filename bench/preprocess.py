@@ -37,11 +37,12 @@ def make_corpus(path: str, megabytes: float, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     common = np.array(WORDS)
     p = 1.0 / np.arange(1, len(common) + 1)
+    p /= p.sum()
+    n_words = 1_000_000  # per chunk
     n_docs = written = 0
     with open(path, "w") as f:
         while written < megabytes * 1e6:
-            n_words = 1_000_000
-            words = common[rng.choice(len(common), size=n_words, p=p / p.sum())].astype(object)
+            words = common[rng.choice(len(common), size=n_words, p=p)].astype(object)
             rare = np.flatnonzero(rng.random(n_words) < 0.15)
             letters = rng.integers(97, 123, size=(len(rare), 10), dtype=np.uint8)
             lengths = rng.integers(3, 11, size=len(rare))
