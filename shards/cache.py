@@ -24,10 +24,10 @@ from typing import Any, Iterator
 import fsspec
 
 from shards import storage
-from shards.manifest import ShardInfo
+from shards.manifest import SHARD_SUFFIX, ShardInfo
 from shards.verify import VerifyError, check_shard_bytes, check_shard_size
 
-CACHE_SUFFIXES = (".arrow", ".tar", ".part")
+CACHE_SUFFIXES = (*SHARD_SUFFIX.values(), ".part")  # shards of every format, and reservations in flight
 
 
 def default_cache_dir() -> str:
@@ -185,16 +185,9 @@ class ShardCache:
         """Evict least-recently-used shards until `size` more bytes fit, then claim them with a sized file."""
         with _flock(os.path.join(self.cache_dir, ".lock")):
             if self.cache_limit is not None:
-                files = []
-                for name in os.listdir(self.cache_dir):
-                    if name.endswith(CACHE_SUFFIXES):
-                        try:
-                            st = os.stat(os.path.join(self.cache_dir, name))
-                        except FileNotFoundError:
-                            continue
-                        files.append((st.st_mtime, st.st_size, name))
+                files = sorted(self._entries())
                 used = sum(f[1] for f in files)
-                for _, nbytes, name in sorted(files):
+                for _, nbytes, name in files:
                     if used + size <= self.cache_limit:
                         break
                     if not name.endswith(".part"):  # in-flight downloads belong to someone
@@ -203,15 +196,18 @@ class ShardCache:
             with open(part, "wb") as f:
                 f.truncate(size)
 
+    def _entries(self) -> Iterator[tuple[float, int, str]]:
+        """(mtime, bytes, name) of the shards and reservations in the cache folder now."""
+        for name in os.listdir(self.cache_dir):
+            if name.endswith(CACHE_SUFFIXES):
+                try:
+                    st = os.stat(os.path.join(self.cache_dir, name))
+                except FileNotFoundError:  # evicted while we listed
+                    continue
+                yield st.st_mtime, st.st_size, name
+
     def cached_bytes(self) -> int:
         """Bytes the cache folder holds now (shards and reservations)."""
         if self.cache_dir is None or not os.path.isdir(self.cache_dir):
             return 0
-        total = 0
-        for name in os.listdir(self.cache_dir):
-            if name.endswith(CACHE_SUFFIXES):
-                try:
-                    total += os.path.getsize(os.path.join(self.cache_dir, name))
-                except FileNotFoundError:  # evicted while we listed
-                    pass
-        return total
+        return sum(nbytes for _, nbytes, _ in self._entries())
