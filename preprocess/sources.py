@@ -59,9 +59,10 @@ def expand_data_files(patterns: list[str], storage_options: dict | None) -> list
     return files
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception, limit: int = 300) -> str:
+    """An exception as the one line our errors quote (library messages can run to pages)."""
     text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def _stream(builder: str, *, what: str, hint: str, **kwargs) -> Iterator[dict]:
@@ -79,7 +80,7 @@ def _stream(builder: str, *, what: str, hint: str, **kwargs) -> Iterator[dict]:
     except SourceError:
         raise
     except Exception as e:
-        raise SourceError(f"cannot read {what} ({_first_line(e)}); {hint}") from None
+        raise SourceError(f"cannot read {what} ({first_line(e)}); {hint}") from None
 
 
 def _files_builder(files: list[str], dataset: str) -> str:

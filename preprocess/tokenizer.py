@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from preprocess.sources import first_line
+
 CHAR_TOKENIZER = "char"
 # The built-in arithmetic alphabet; the specials come first so pad is 0 and eos is 1.
 CHAR_SPECIALS = ["<pad>", "<eos>", "<unk>"]
@@ -39,9 +41,10 @@ def load_tokenizer(name: str):
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:  # offline Hub, missing folder, unreadable files: all end the same way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "a local folder" if not os.path.isdir(name) else "a folder with tokenizer.json or vocab/merges"
-        raise TokenizerError(f"cannot load tokenizer {name!r} ({first[:200]}); pass --tokenizer {hint}") from None
+        raise TokenizerError(
+            f"cannot load tokenizer {name!r} ({first_line(e, 200)}); pass --tokenizer {hint}"
+        ) from None
     if not getattr(tok, "is_fast", False) or getattr(tok, "backend_tokenizer", None) is None:
         raise TokenizerError(f"tokenizer {name!r} has no fast (tokenizer.json) version; convert it first")
     if tok.eos_token_id is None:

@@ -108,6 +108,11 @@ def valid_mask(ids: torch.Tensor, spec: BlotchSpec) -> torch.Tensor:
     return ~torch.cat([cmp_pad, seq_pad], 1)
 
 
+def rank_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only the real tokens (pad columns repeat their neighbour's), for left-padded rows."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 def segment_index(ids: torch.Tensor, valid: torch.Tensor, spec: BlotchSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the number of eligible separators strictly before it (0 = initial problem); per row, the
     number n of blotchable segments, which are 1..n (segment n+1 is the final one)."""

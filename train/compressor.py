@@ -19,14 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.blotch import IGNORE, Blotched, BlotchSpec, blotch, valid_mask
+from train.blotch import IGNORE, Blotched, BlotchSpec, blotch, rank_positions, valid_mask
 from train.config import Config, ConfigError
 from train.hf_model import cache_kwarg, load_base
 from train.loss import token_loss
-
-
-def rank_positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
 def layer_index(cmp_layer: int | str, n_layers: int) -> int:

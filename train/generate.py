@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from train.blotch import rank_positions
+
 
 @torch.no_grad()
 def greedy(model: nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor, n_new: int, stop_id: int,
@@ -21,7 +23,7 @@ def greedy(model: nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor, n_
     """
     B, P = prompt.shape
     if pad_pos_skip:
-        positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
+        positions = rank_positions(prompt_mask)
         next_pos = prompt_mask.long().sum(1)
     else:
         positions = torch.arange(P, device=prompt.device).expand(B, P)
