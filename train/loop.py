@@ -30,7 +30,6 @@ from train.model import build_model, model_view
 from train.optim import Schedule, build_optimizer
 from train.report import RunLog, decode, plot_curves, read_metrics, render_example
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUMS = ("nll", "correct", "count", "tokens", "blotched", "valid")  # what a step adds to the log window
 N_EXAMPLES = 3
 
@@ -63,8 +62,7 @@ class Run:
     tokenizer: Any = None  # the dataset's, for examples; None shows token ids
 
     def autocast(self):
-        dtype = DTYPES[self.cfg.torch_dtype]
-        return torch.autocast(self.ctx.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        return evaluation.autocast_for(self.cfg, self.ctx.device)()
 
 
 def seed_everything(seed: int) -> None:
