@@ -246,14 +246,11 @@ class Run:
                     continue
                 if kind == "text":
                     part = select_text(result, keep)
-                    n_tokens += int(part.lengths.sum())
-                    windows, states = assemblers[split].add(chunk.doc_idx[keep], part)
-                    extras = {}
                 else:
                     part = enc.PairWindows(result.windows[keep], result.ok[keep], result.lengths[keep])
-                    n_tokens += int(part.lengths.sum())
-                    windows, states = assemblers[split].add(chunk.doc_idx[keep], part)
-                    extras = {c: chunk.labels[keep][part.ok] for c in extra_cols}
+                n_tokens += int(part.lengths.sum())
+                windows, states = assemblers[split].add(chunk.doc_idx[keep], part)
+                extras = {c: chunk.labels[keep][part.ok] for c in extra_cols} if kind != "text" else {}
                 writers[split].add(windows, extras, states)
             bar.update(len(chunk.doc_idx))
             bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):,.0f}",

@@ -26,6 +26,14 @@ class Assembler:
         """Tokens left over at the end of the split, dropped."""
         return 0
 
+    def _advance(self, doc_idx: np.ndarray, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """State rows for whole documents, one window each (Truncator, PairAssembler): the next document
+        starts at offset 0."""
+        states = _states(doc_idx + 1, np.zeros_like(doc_idx), self.dropped + np.cumsum(dropped), self.kept + np.cumsum(kept))
+        if len(states):
+            self.next_doc, self.next_offset, self.dropped, self.kept = (int(x) for x in states[-1])
+        return states
+
 
 class Packer(Assembler):
     """Concatenate documents (each ends with eos) and cut consecutive windows: nothing but the tail is lost."""
@@ -95,18 +103,9 @@ class Truncator(Assembler):
         kept = np.minimum(tokens.lengths, self.window)
         return windows, self._advance(doc_idx, tokens.lengths - kept, kept)
 
-    def _advance(self, doc_idx: np.ndarray, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
-        states = _states(doc_idx + 1, np.zeros_like(doc_idx), self.dropped + np.cumsum(dropped), self.kept + np.cumsum(kept))
-        if len(states):
-            self.next_doc, self.next_offset, self.dropped, self.kept = (int(x) for x in states[-1])
-        return states
 
-
-class PairAssembler(Truncator):
+class PairAssembler(Assembler):
     """GLUE and arithmetic: the encoder already built padded windows; pairs that do not fit are dropped."""
-
-    def __init__(self, window: int, state: list[int] | None = None):
-        Assembler.__init__(self, window, state)
 
     def add(self, doc_idx: np.ndarray, pairs: PairWindows) -> tuple[np.ndarray, np.ndarray]:
         kept = np.where(pairs.ok, pairs.lengths, 0)
