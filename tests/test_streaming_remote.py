@@ -30,7 +30,8 @@ def read_all(ds, batch_size, workers=0, each=None):
 
 def proxied(opts, proxy):
     """Client options that go through the proxy; botocore's own retries off, so faults reach s3fs and us."""
-    return {**opts, "client_kwargs": {"endpoint_url": proxy.url}, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    return {**opts, "client_kwargs": {"endpoint_url": proxy.url},
+            "config_kwargs": {**opts["config_kwargs"], "retries": {"max_attempts": 1}}}
 
 
 @pytest.mark.timeout(120)
@@ -44,7 +45,7 @@ def test_s3_cache_limit_and_prefetch(s3_bucket, make_dataset, tmp_path):
     ds = StreamingDataset(f"{url}/ds", storage_options=opts, cache_dir=str(cache), cache_limit=limit, shuffle_block=2)
     it = iter(StreamingDataLoader(ds, batch_size=4))
     first = check_batch(next(it), 4)
-    deadline = time.time() + 10  # the next block is fetched in the background while we hold still
+    deadline = time.time() + 30  # the next block is fetched in the background while we hold still
     while len([p for p in cache.iterdir() if p.suffix == ".arrow"]) < 4 and time.time() < deadline:
         time.sleep(0.05)
     assert len([p for p in cache.iterdir() if p.suffix == ".arrow"]) >= 4, "next block not prefetched"
