@@ -159,13 +159,13 @@ class StreamingDataset(IterableDataset):
         try:
             for first in range(0, len(messages), per_read):
                 read = messages[first : first + per_read]
-                spans = [part.positions(j) for group in read for j in group]
-                end = spans[-1][1]
+                positions = part.positions([j for group in read for j in group])
+                end = int(positions[-1, -1]) + 1
                 if prefetched < min(self.total, end + ahead):  # request the next span in one go, not per batch
                     stop = min(self.total, end + 2 * ahead)
                     self.cache.prefetch(order.shards(prefetched, stop))
                     prefetched = stop
-                arrays = reader.gather(np.stack([order.ids(lo, hi) for lo, hi in spans]), order)
+                arrays = reader.gather(order.ids_at(positions), order)
                 lo = 0
                 for group in read:
                     hi = lo + len(group) * self.batch_size

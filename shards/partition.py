@@ -12,6 +12,9 @@ re-partitions the remaining positions, with no replay, no skip and no reading th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,10 @@ class Partition:
         """Batches every rank yields from `start` to the end of the epoch."""
         return (self.total - self.start) // self.global_batch
 
-    def positions(self, j: int) -> tuple[int, int]:
-        """Global positions [lo, hi) of this rank's j-th batch."""
-        lo = self.start + j * self.global_batch + self.rank * self.batch_size
-        return lo, lo + self.batch_size
+    def positions(self, batches: Sequence[int]) -> np.ndarray:
+        """Global positions of this rank's batches (indices counted from `start`), one row per batch."""
+        first = self.start + np.asarray(batches, dtype=np.int64) * self.global_batch + self.rank * self.batch_size
+        return first[:, None] + np.arange(self.batch_size)
 
     def worker_groups(self, worker: int, num_workers: int, group: int) -> list[range]:
         """Worker w's batches: groups of `group` consecutive batches, dealt round-robin to the workers (each

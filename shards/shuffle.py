@@ -50,20 +50,23 @@ class EpochOrder:
 
     def ids(self, start: int, stop: int) -> np.ndarray:
         """Sample ids at global positions [start, stop)."""
-        if not 0 <= start <= stop <= self.total:
-            raise IndexError(f"positions [{start}, {stop}) outside the epoch of {self.total} samples")
-        if self.mode == "none" or start == stop:
-            return np.arange(start, stop, dtype=np.int64)
+        return self.ids_at(np.arange(start, stop, dtype=np.int64))
+
+    def ids_at(self, positions: np.ndarray) -> np.ndarray:
+        """Sample ids at an array of global positions, in its shape: a reader looks up all the batches of one
+        read at once, whatever their stride over the ranks."""
+        if positions.size and not (0 <= positions.min() and positions.max() < self.total):
+            raise IndexError(f"positions {positions.min()}..{positions.max()} outside the epoch of {self.total} samples")
+        if self.mode == "none":
+            return positions.astype(np.int64, copy=True)
         if self.mode == "full":
-            return self._perm[start:stop]
-        first = int(np.searchsorted(self.block_starts, start, side="right")) - 1
-        parts = []
-        b = first
-        while b < len(self.blocks) and self.block_starts[b] < stop:
-            lo, hi = max(start, self.block_starts[b]), min(stop, self.block_starts[b + 1])
-            parts.append(self._block(b)[lo - self.block_starts[b] : hi - self.block_starts[b]])
-            b += 1
-        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+            return self._perm[positions]
+        block = np.searchsorted(self.block_starts, positions, side="right") - 1
+        out = np.empty(positions.shape, dtype=np.int64)
+        for b in np.unique(block):  # a read spans one block or two
+            at = block == b
+            out[at] = self._block(int(b))[positions[at] - self.block_starts[b]]
+        return out
 
     def shards(self, start: int, stop: int) -> list[int]:
         """The shards that positions [start, stop) read, in order of first use: what to prefetch."""

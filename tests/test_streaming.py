@@ -84,8 +84,7 @@ def test_partition_full_grid_exactly_once(mode):
                             got = [j for w in range(workers) for g in part.worker_groups(w, workers, group) for j in g]
                             assert sorted(got) == list(range(part.num_batches))
                     nbatches.add(part.num_batches)
-                    for j in range(part.num_batches):
-                        seen.extend(order.ids(*part.positions(j)).tolist())
+                    seen.extend(order.ids_at(part.positions(range(part.num_batches))).ravel().tolist())
                 assert len(nbatches) == 1, "ranks yield different batch counts"
                 assert len(seen) == len(set(seen)) == 97 - 97 % g
                 assert set(seen) == set(order.ids(0, 97 - 97 % g).tolist())
@@ -215,11 +214,11 @@ def test_repartition_after_resume_is_exactly_once(total, before, after, consumed
     (w1, b1), (w2, b2) = before, after
     first = Partition(total, 0, b1, w1, 0)
     k = min(consumed, first.num_batches)
-    positions = [p for r in range(w1) for j in range(k) for p in range(*Partition(total, 0, b1, w1, r).positions(j))]
+    positions = [p for r in range(w1) for p in Partition(total, 0, b1, w1, r).positions(range(k)).ravel().tolist()]
     start = k * w1 * b1
     parts = [Partition(total, start, b2, w2, r) for r in range(w2)]
     assert len({p.num_batches for p in parts}) == 1
-    positions += [x for p in parts for j in range(p.num_batches) for x in range(*p.positions(j))]
+    positions += [x for p in parts for x in p.positions(range(p.num_batches)).ravel().tolist()]
     assert len(positions) == len(set(positions))
     assert set(positions) == set(range(len(positions))) and total - len(positions) < w2 * b2
 
