@@ -136,24 +136,20 @@ def test_model_parallel_without_accelerate_is_a_config_error(monkeypatch):
         hf({**LLAMA, "model_parallel": True})
 
 
-def test_device_map_spill_keeps_outputs_but_refuses_training():
-    """model_parallel with a memory cap too small for the model: accelerate offloads layers to disk, the outputs
-    do not change, and training refuses such a map (its offloaded weights could not be updated)."""
+def test_device_map_spill_refuses_training_but_evaluation_shards_a_loaded_model():
+    """model_parallel with a memory cap too small for the model: training refuses the map (offloaded weights
+    could not be updated); `python -m train.eval` builds the model on the CPU, loads the checkpoint, then shards
+    it with layers offloaded to disk, and the outputs do not change."""
+    from train.parallel import shard_loaded
+
     kind = {**LLAMA, "hf_config": {**LLAMA["hf_config"], "num_hidden_layers": 4}, "model_parallel": True}
     whole = hf(kind)  # no cap: every layer on the CPU
     assert set(whole.model.hf_device_map.values()) == {"cpu"}
-    torch.manual_seed(0)
     cap = {"cpu": "100KB"}
-    spilled = build_model(Config(**kind, max_memory=cap), V, W, training=False).eval()
-    assert "disk" in spilled.model.hf_device_map.values()
-    ids = torch.randint(0, V, (2, 9))
-    args = (ids, torch.arange(9).expand(2, 9), torch.ones(2, 9, dtype=torch.bool))
-    torch.testing.assert_close(spilled(*args), whole(*args))
     with pytest.raises(ConfigError, match="config key 'max_memory': the device map offloads"):
         build_model(Config(**kind, max_memory=cap), V, W)
-    # what `python -m train.eval` does with a checkpoint: load on the CPU, then shard (offloaded layers included)
-    from train.parallel import shard_loaded
-
+    ids = torch.randint(0, V, (2, 9))
+    args = (ids, torch.arange(9).expand(2, 9), torch.ones(2, 9, dtype=torch.bool))
     torch.manual_seed(1)
     other = build_model(Config(**{**kind, "model_parallel": False}), V, W).eval()
     assert not torch.allclose(other(*args), whole(*args))

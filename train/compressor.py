@@ -38,11 +38,11 @@ def layer_index(cmp_layer: int | str, n_layers: int) -> int:
 
 
 class Compressor(nn.Module):
-    def __init__(self, cfg: Config, vocab_size: int, window: int, training: bool = True):
+    def __init__(self, cfg: Config, vocab_size: int, window: int):
         super().__init__()
         if cfg.cmp_len is None or cfg.cmp_len < 1:
             raise ConfigError(f"config key 'cmp_len': model_type compressor needs a cmp part, got {cfg.cmp_len}")
-        self.base = load_base(cfg, vocab_size, window + cfg.n_cmps + 1, training)
+        self.base = load_base(cfg, vocab_size, window + cfg.n_cmps + 1)
         self.base.requires_grad_(cfg.train_base)
         self.cmp_len, self.n_cmps, self.pad_pos_skip = cfg.cmp_len, cfg.n_cmps, cfg.pad_pos_skip
         self.rmb, self.cont = cfg.rmb_task or cfg.rmb_only, not cfg.rmb_only

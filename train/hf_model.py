@@ -126,13 +126,13 @@ class HFCausalLM(nn.Module):
         return out.logits, cache
 
 
-def load_base(cfg: Config, vocab_size: int, window: int, training: bool = True) -> nn.Module:
-    """The transformers model as the config asks: on one device, or sharded by device_map (model_parallel)."""
+def load_base(cfg: Config, vocab_size: int, window: int) -> nn.Module:
+    """The transformers model as the config asks: on one device, or sharded by device_map (model_parallel) for
+    training. Evaluation builds it unsharded and shards it after loading a checkpoint (parallel.shard_loaded)."""
     if not cfg.model_parallel:
         return load_causal_lm(cfg, vocab_size, window)
     from train import parallel
 
     model = parallel.load_sharded(cfg, vocab_size, window)
-    if training:
-        parallel.check_trainable(model)
+    parallel.check_trainable(model)
     return model

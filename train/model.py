@@ -131,22 +131,21 @@ class Transformer(nn.Module):
         return self.head(self.ln_f(x)) * self.logit_scale
 
 
-def build_model(cfg: Config, vocab_size: int, window: int, training: bool = True) -> nn.Module:
+def build_model(cfg: Config, vocab_size: int, window: int) -> nn.Module:
     """The model a config describes; `window` (cmp_len + seq_len) sizes the default position table.
 
-    Every model maps (input_ids, position_ids, mask) to logits and has `decode` for cached generation.
-    `training` false allows a model_parallel device map that offloads layers (evaluation only). The vocabulary
-    is the dataset's plus the blotch-intensity tokens.
+    Every model maps (input_ids, position_ids, mask) to logits and has `decode` for cached generation. The
+    vocabulary is the dataset's plus the blotch-intensity tokens.
     """
     vocab_size += cfg.n_btokens if cfg.blotch_tokens else 0
     if cfg.model_type == "hf":
         from train.hf_model import HFCausalLM, load_base
 
-        return HFCausalLM(load_base(cfg, vocab_size, window, training))
+        return HFCausalLM(load_base(cfg, vocab_size, window))
     if cfg.model_type == "compressor":
         from train.compressor import Compressor
 
-        return Compressor(cfg, vocab_size, window, training)
+        return Compressor(cfg, vocab_size, window)
     n_pos = cfg.max_posencs or 3 * window
     posenc = PositionalEncoding(
         n_pos, cfg.d_model, cfg.drop_p if cfg.posenc_drop_p is None else cfg.posenc_drop_p,
