@@ -12,7 +12,7 @@ import sys
 from shards import ManifestError, storage
 from train import checkpoint
 from train.config import Config, ConfigError, load_config, parse_overrides
-from train.data import open_manifest, resolve
+from train.data import SPLITS, open_source
 from train.dist import launched_world
 
 USAGE = "usage: python -m train CONFIG.json [--key value ...] | python -m train --resume SAVE_FOLDER [--key value ...]"
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = resume_config(resume_folder, parse_overrides(argv[2:]))
         else:
             cfg = load_config(argv[0], parse_overrides(argv[1:]))
-        resolve(cfg, *open_manifest(cfg))  # a config that disagrees with its data fails before any folder exists
+        source = open_source(cfg, SPLITS)  # a config that disagrees with its data fails before any folder exists
         if cfg.multi_gpu and launched_world() == 1 and "LOCAL_RANK" not in os.environ:
             return relaunch(argv)
         state = checkpoint.load(resume_folder) if resume_folder else None
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if resume_folder and main_rank:
         storage.remove_stale_temps(None, resume_folder)
     folder = resume_folder or (checkpoint.new_run_folder(cfg.save_root, cfg.exp_name) if main_rank else "")
-    train(cfg, folder, state)
+    train(cfg, folder, state, source)
     return 0
 
 

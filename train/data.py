@@ -113,21 +113,41 @@ class TrainStream:
         self._it = None
 
 
+SPLITS = ("train", "val")  # what a run reads
+
+
 @dataclass
-class Data:
+class Source:
+    """A config resolved against its dataset's manifest, and the blotching they define. A process opens it once
+    (one manifest GET on object storage) and hands it on: `python -m train` checks it before any run folder
+    exists, then the loop builds its loaders from it."""
     cfg: Config  # resolved against the manifest
     manifest: Manifest
     url: str
     spec: BlotchSpec
+
+
+def open_source(cfg: Config, splits: Iterable[str]) -> Source:
+    """Fetch the manifest, resolve the config against it, and check that the dataset has `splits`."""
+    m, url = open_manifest(cfg)
+    cfg = resolve(cfg, m, url)
+    for split in splits:
+        m.split(split)
+    return Source(cfg, m, url, blotch_spec(cfg, m))
+
+
+def eval_loader(src: Source, split: str, rank: int, world: int) -> StreamingDataLoader:
+    """The split in order, in val_batch_size batches: what validation and `python -m train.eval` read."""
+    return loader(src.cfg, src.url, split, "val_batch_size", False, rank, world)
+
+
+@dataclass
+class Data(Source):
     train: StreamingDataLoader
     val: StreamingDataLoader
 
 
-def open_data(cfg: Config, rank: int, world: int) -> Data:
-    m, url = open_manifest(cfg)
-    cfg = resolve(cfg, m, url)
-    for split in ("train", "val"):
-        m.split(split)
-    train = loader(cfg, url, "train", "batch_size", True, rank, world)
-    val = loader(cfg, url, "val", "val_batch_size", False, rank, world)
-    return Data(cfg, m, url, blotch_spec(cfg, m), train, val)
+def open_data(src: Source, rank: int, world: int) -> Data:
+    """This rank's loaders of a run's splits."""
+    train = loader(src.cfg, src.url, "train", "batch_size", True, rank, world)
+    return Data(src.cfg, src.manifest, src.url, src.spec, train, eval_loader(src, "val", rank, world))

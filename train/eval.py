@@ -194,20 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     from shards import ManifestError
     from train import checkpoint
     from train.__main__ import resume_config
-    from train.data import blotch_spec, loader, open_manifest, resolve, rng_neutral
+    from train.data import eval_loader, open_source, rng_neutral
 
     try:
-        cfg = resume_config(args.save_folder, {"device": args.device} if args.device else {})
-        m, url = open_manifest(cfg)
-        cfg = resolve(cfg, m, url)
-        m.split(args.split)
+        src = open_source(resume_config(args.save_folder, {"device": args.device} if args.device else {}),
+                          [args.split])
         state = checkpoint.load(args.checkpoint or args.save_folder)
-        spec = blotch_spec(cfg, m)
-        level = level_index(spec, args.blotch_level)
-        batches = loader(cfg, url, args.split, "val_batch_size", False, 0, 1)
+        level = level_index(src.spec, args.blotch_level)
+        batches = eval_loader(src, args.split, 0, 1)
     except (ConfigError, ManifestError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cfg, m = src.cfg, src.manifest
     from train.dist import setup
 
     device = setup(cfg.replace(multi_gpu=False)).device
@@ -220,11 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = build_model(cfg, m.vocab_size, m.window).to(device)
         model.load_state_dict(state["model"])
-    rec = evaluate(model, rng_neutral(batches), spec, m.seq_len, m.layout, device, autocast_for(cfg, device),
+    rec = evaluate(model, rng_neutral(batches), src.spec, m.seq_len, m.layout, device, autocast_for(cfg, device),
                    args.max_batches or cfg.max_val_loops,
                    cfg.gen_val_samples if args.gen_samples is None else args.gen_samples, level=level)
     step = state["progress"]["step"]
-    report = {"save_folder": args.save_folder, "step": step, "split": args.split, "dataset": url,
+    report = {"save_folder": args.save_folder, "step": step, "split": args.split, "dataset": src.url,
               "blotch_level": args.blotch_level, **rec}
     level = "" if args.blotch_level is None else f"_level{args.blotch_level:g}"
     path = os.path.join(args.save_folder, f"eval_{args.split}{level}_step{step}.json")

@@ -24,7 +24,7 @@ from train import checkpoint, dist
 from train import eval as evaluation
 from train.blotch import IGNORE, Blotched, blotch
 from train.config import Config
-from train.data import Data, TrainStream, open_data, rng_neutral
+from train.data import SPLITS, Data, Source, TrainStream, open_data, open_source, rng_neutral
 from train.loss import TokenLoss, token_loss
 from train.model import build_model, model_view
 from train.optim import Schedule, build_optimizer
@@ -221,9 +221,9 @@ def load_tokenizer(run: Run):
         return None
 
 
-def build(cfg: Config, folder: str, resume: dict[str, Any] | None) -> Run:
+def build(cfg: Config, folder: str, resume: dict[str, Any] | None, source: Source | None = None) -> Run:
     ctx = dist.setup(cfg)
-    data = open_data(cfg, ctx.rank, ctx.world)
+    data = open_data(source or open_source(cfg, SPLITS), ctx.rank, ctx.world)
     cfg = data.cfg
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, data.manifest.vocab_size, data.manifest.window)
@@ -246,11 +246,13 @@ def build(cfg: Config, folder: str, resume: dict[str, Any] | None) -> Run:
     return run
 
 
-def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train to the end of `n_epochs`; returns the last validation record."""
+def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None, source: Source | None = None
+          ) -> dict[str, Any]:
+    """Train to the end of `n_epochs`; returns the last validation record. `source` is cfg's data when the caller
+    has opened it already (the manifest is then not fetched again)."""
     from tqdm import tqdm
 
-    run = build(cfg, folder, resume)
+    run = build(cfg, folder, resume, source)
     cfg, ctx, p = run.cfg, run.ctx, run.progress
     if ctx.main and resume is None:
         with open(os.path.join(folder, "hyperparams.json"), "w") as f:
