@@ -18,19 +18,20 @@ import json
 import math
 import os
 import sys
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
 
-from train.blotch import BlotchSpec, blotch, valid_mask
+from train.blotch import Blotched, BlotchSpec, blotch, valid_mask
 from train.config import Config, ConfigError
 from train.generate import greedy
-from train.loss import token_loss
+from train.loss import SUMS, TokenLoss, step_sums, token_loss
 from train.model import build_model, model_view
 
 GEN_SUMS = ("gen_correct", "gen_count", "rows", "answer_correct", "answer_rows", "gen_steps", "ref_steps")
-TF_SUMS = ("nll", "correct", "count")
 
 
 def final_answer(tokens: list[int], seps: set[int], eos: int) -> tuple[int, ...] | None:
@@ -93,34 +94,53 @@ def per_problem(layout: str) -> bool:
     return layout == "padded"
 
 
-def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: BlotchSpec, seq_len: int,
-             layout: str, device: torch.device, autocast: Callable[[], ContextManager], max_batches: int | None,
-             gen_samples: int, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, level: int = 0,
-             teacher_forced: bool = True) -> dict[str, float]:
-    """Teacher-forced loss/acc/ppl (and a compressor's baselines) on up to `max_batches` unblotched batches, and
-    free-running metrics on the first `gen_samples` samples; `reduce` sums tensors over ranks. With
-    blotch-intensity levels, windows are blotched at `level`'s rate and led by its token. The training loop
-    computes the teacher-forced part itself (`teacher_forced` false)."""
-    need_tf = teacher_forced or hasattr(model, "reference_sums")  # the compressor's baselines
-    if not need_tf and gen_samples <= 0:
-        return {}
+def teacher_forced(model: nn.Module, ids: torch.Tensor, sample_ids: torch.Tensor, spec: BlotchSpec,
+                   autocast: Callable[[], ContextManager], level: int) -> tuple[Blotched, torch.Tensor, TokenLoss]:
+    """An unblotched batch as the model reads it (led by `level`'s token with blotch-intensity levels), its
+    logits and its token loss."""
+    v = model_view(model, blotch(ids, sample_ids, 0, spec, train=False, level=level))
+    with autocast():
+        logits = model(v.input_ids, v.position_ids, v.mask)
+    return v, logits, token_loss(logits, v.targets.to(logits.device))
+
+
+@dataclass
+class ValPass:
+    """One pass over validation batches, summed over the ranks."""
+    sums: dict[str, float]  # loss.SUMS of the teacher-forced batches
+    record: dict[str, float]  # free-running metrics and a compressor's baselines
+    seconds: float  # the pass less decoding and baselines: what a val record's tokens_per_s divides by
+
+
+def validation_pass(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: BlotchSpec, seq_len: int,
+                    layout: str, device: torch.device, autocast: Callable[[], ContextManager],
+                    max_batches: int | None, gen_samples: int,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, level: int = 0,
+                    first: Callable[[dict[str, torch.Tensor], Blotched, torch.Tensor], None] | None = None
+                    ) -> ValPass:
+    """Teacher-forced sums (and a compressor's baselines) on up to `max_batches` unblotched batches, and
+    free-running metrics on the first `gen_samples` samples, in one pass (it reads more batches only when
+    decoding needs them); `reduce` sums tensors over ranks. With blotch-intensity levels, windows are blotched at
+    `level`'s rate and led by its token. `first(batch, view, logits)` sees the first batch's teacher-forced
+    output (the loop's examples)."""
     was_training = model.training
     model.eval()
-    tf = torch.zeros(len(TF_SUMS), device=device)
+    tf = torch.zeros(len(SUMS), device=device)
     gen = dict.fromkeys(GEN_SUMS, 0.0)
     extra: dict[str, float] = {}
-    n_tf = (max_batches if max_batches is not None else float("inf")) if need_tf else 0
+    n_tf = max_batches if max_batches is not None else math.inf
+    start, aside = time.perf_counter(), 0.0
     with torch.no_grad():
         for i, batch in enumerate(batches):
             if i >= n_tf and gen["rows"] >= gen_samples:
                 break
             ids = batch["input_ids"].to(device)
-            if i < n_tf and teacher_forced:
-                v = model_view(model, blotch(ids, batch["sample_id"], 0, spec, train=False, level=level))
-                with autocast():
-                    logits = model(v.input_ids, v.position_ids, v.mask)
-                out = token_loss(logits, v.targets.to(logits.device))
-                tf += torch.stack([out.nll, out.correct, out.count]).float().to(device)
+            if i < n_tf:
+                v, logits, out = teacher_forced(model, ids, batch["sample_id"], spec, autocast, level)
+                tf += step_sums(out, v)
+                if i == 0 and first is not None:
+                    first(batch, v, logits)
+            t = time.perf_counter()
             if i < n_tf and hasattr(model, "reference_sums"):
                 with autocast():
                     for k, x in model.reference_sums(ids, spec).items():
@@ -130,19 +150,31 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec:
                 with autocast():
                     s = free_running_sums(model, ids[:take], spec, seq_len, per_problem(layout), level)
                 gen = {k: gen[k] + s[k] for k in GEN_SUMS}
+            aside += time.perf_counter() - t
     model.train(was_training)
-    tf = reduce(tf).tolist()
+    sums = dict(zip(SUMS, reduce(tf).tolist()))
+    seconds = time.perf_counter() - start - aside
     gen_t = reduce(torch.tensor([gen[k] for k in GEN_SUMS], dtype=torch.float64, device=device)).tolist()
     names = sorted(extra)
     extra_t = reduce(torch.tensor([extra[k] for k in names], dtype=torch.float64, device=device)).tolist()
     rec: dict[str, float] = {}
-    if teacher_forced:
-        count = max(tf[2], 1.0)
-        rec.update(loss=tf[0] / count, acc=tf[1] / count, ppl=math.exp(min(tf[0] / count, 50.0)), tokens=tf[2])
     if gen_samples > 0:
         rec.update(free_running_record(dict(zip(GEN_SUMS, gen_t)), per_problem(layout)), gen_samples=gen_t[2])
     rec.update(reference_record(dict(zip(names, extra_t))))
-    return rec
+    return ValPass(sums, rec, seconds)
+
+
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: BlotchSpec, seq_len: int,
+             layout: str, device: torch.device, autocast: Callable[[], ContextManager], max_batches: int | None,
+             gen_samples: int, level: int = 0) -> dict[str, float]:
+    """`python -m train.eval`'s record: teacher-forced loss/acc/ppl and target count, then the free-running
+    metrics and a compressor's baselines (see validation_pass)."""
+    val = validation_pass(model, batches, spec, seq_len, layout, device, autocast, max_batches, gen_samples,
+                          level=level)
+    count = max(val.sums["count"], 1.0)
+    loss = val.sums["nll"] / count
+    return {"loss": loss, "acc": val.sums["correct"] / count, "ppl": math.exp(min(loss, 50.0)),
+            "tokens": val.sums["count"], **val.record}
 
 
 def reference_record(sums: dict[str, float]) -> dict[str, float]:
@@ -152,19 +184,6 @@ def reference_record(sums: dict[str, float]) -> dict[str, float]:
         count = max(sums[f"{name}_count"], 1.0)
         rec[f"{name}_loss"], rec[f"{name}_acc"] = sums[f"{name}_nll"] / count, sums[f"{name}_correct"] / count
     return rec
-
-
-def during_training(run) -> dict[str, float]:
-    """What the loop adds to each val record (its teacher-forced loss it computes itself): free-running metrics
-    on about gen_val_samples samples, split over the ranks, and a compressor's baselines."""
-    from train import dist
-    from train.data import rng_neutral
-
-    cfg, data = run.cfg, run.data
-    data.val.load_state_dict(run.val_start)
-    return evaluate(run.model, rng_neutral(data.val), data.spec, data.manifest.seq_len, data.manifest.layout,
-                    run.ctx.device, run.autocast, cfg.max_val_loops, math.ceil(cfg.gen_val_samples / run.ctx.world),
-                    lambda t: dist.all_reduce_sum(t, run.ctx), teacher_forced=False)
 
 
 def describe(rec: dict[str, Any]) -> str:

@@ -25,12 +25,11 @@ from train import eval as evaluation
 from train.blotch import IGNORE, Blotched, blotch
 from train.config import Config
 from train.data import SPLITS, Data, Source, TrainStream, open_data, open_source, rng_neutral
-from train.loss import TokenLoss, token_loss
+from train.loss import SUMS, step_sums, token_loss
 from train.model import build_model, model_view
 from train.optim import Schedule, build_optimizer
 from train.report import RunLog, decode, plot_curves, read_metrics, render_example
 
-SUMS = ("nll", "correct", "count", "tokens", "blotched", "valid")  # what a step adds to the log window
 N_EXAMPLES = 3
 
 
@@ -95,11 +94,6 @@ def micro_batches(cfg: Config, batches_per_pass: int, step_in_epoch: int) -> int
     return min(cfg.n_grad_loops, batches_per_pass - step_in_epoch * cfg.n_grad_loops)
 
 
-def step_sums(out: TokenLoss, v: Blotched) -> torch.Tensor:
-    """The SUMS of one batch, as one tensor so a single all-reduce covers them."""
-    return torch.stack([out.nll, out.correct, out.count, v.mask.sum(), v.blotched.sum(), v.valid.sum()]).float()
-
-
 def train_step(run: Run) -> tuple[dict[str, float], float]:
     """One optimizer step over the next micro-batches; returns the step's sums reduced over ranks, and the
     gradient norm before clipping."""
@@ -130,27 +124,22 @@ def train_step(run: Run) -> tuple[dict[str, float], float]:
     return dict(zip(SUMS, dist.all_reduce_sum(sums, run.ctx).tolist())), float(grad_norm)
 
 
-@torch.no_grad()
-def validate(run: Run) -> tuple[dict[str, float], list[str]]:
-    """Unblotched teacher-forced loss and accuracy on up to max_val_loops val batches, and a few examples."""
+def validate(run: Run) -> tuple[dict[str, Any], list[str]]:
+    """The val record and a few examples, from one pass over val: unblotched teacher-forced loss and accuracy on
+    up to max_val_loops batches, free-running metrics on about gen_val_samples samples split over the ranks, and
+    a compressor's baselines (eval.validation_pass)."""
     cfg, ctx, data = run.cfg, run.ctx, run.data
-    run.model.eval()
     data.val.load_state_dict(run.val_start)
-    sums = torch.zeros(len(SUMS), device=ctx.device)
     examples: list[str] = []
-    for i, batch in enumerate(rng_neutral(data.val)):
-        if cfg.max_val_loops is not None and i >= cfg.max_val_loops:
-            break
-        v = model_view(run.model, blotch(batch["input_ids"].to(ctx.device), batch["sample_id"], 0, data.spec,
-                                         train=False))
-        with run.autocast():
-            logits = run.model(v.input_ids, v.position_ids, v.mask)
-        out = token_loss(logits, v.targets)
-        sums += step_sums(out, v)
-        if i == 0 and ctx.main:
-            examples = render_examples(run, batch, v, logits)
-    run.model.train()
-    return dict(zip(SUMS, dist.all_reduce_sum(sums, ctx).tolist())), examples
+
+    def show(batch: dict[str, torch.Tensor], v: Blotched, logits: torch.Tensor) -> None:
+        examples.extend(render_examples(run, batch, v, logits))
+
+    val = evaluation.validation_pass(run.model, rng_neutral(data.val), data.spec, data.manifest.seq_len,
+                                     data.manifest.layout, ctx.device, run.autocast, cfg.max_val_loops,
+                                     math.ceil(cfg.gen_val_samples / ctx.world),
+                                     lambda t: dist.all_reduce_sum(t, ctx), first=show if ctx.main else None)
+    return {**make_record(run, "val", val.sums, val.seconds), **val.record}, examples
 
 
 def render_examples(run: Run, batch: dict[str, torch.Tensor], v: Blotched, logits: torch.Tensor) -> list[str]:
@@ -283,10 +272,7 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None, source
                 t_window = time.perf_counter()
             if cfg.checkpt_mod and p.step % cfg.checkpt_mod == 0:
                 save_checkpoint(run)
-        t_val = time.perf_counter()
-        sums, examples = validate(run)
-        last_val = make_record(run, "val", sums, time.perf_counter() - t_val)
-        last_val.update(evaluation.during_training(run))
+        last_val, examples = validate(run)
         run.log.metrics(last_val)
         bar.clear()
         run.log.text(f"epoch {p.epoch + 1}/{cfg.n_epochs} step {p.step}: val loss {last_val['loss']:.4f} "

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from train.blotch import IGNORE
+from train.blotch import IGNORE, Blotched
+
+SUMS = ("nll", "correct", "count", "tokens", "blotched", "valid")  # what a batch adds to a train or val record
 
 
 @dataclass
@@ -32,3 +34,10 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: flo
     if label_smoothing > 0:
         objective = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
     return TokenLoss(objective.sum(), nll.detach().sum(), (logp.argmax(-1) == t).sum(), counted.sum())
+
+
+def step_sums(out: TokenLoss, v: Blotched) -> torch.Tensor:
+    """The SUMS of one batch, as one tensor on the batch's device (the logits may come back on another with a
+    sharded model) so a single all-reduce covers them."""
+    counts = torch.stack([v.mask.sum(), v.blotched.sum(), v.valid.sum()])
+    return torch.cat([torch.stack([out.nll, out.correct, out.count]).to(counts.device), counts]).float()
