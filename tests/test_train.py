@@ -107,6 +107,18 @@ def test_config_disagreeing_with_data_fails_first(arith, tmp_path):
     assert not os.path.exists(tmp_path / "runs")
 
 
+def test_main_fetches_the_manifest_once(arith, tmp_path, monkeypatch):
+    """`python -m train` checks the config against its data before any folder exists, and the loop builds on
+    what that check read: one manifest fetch per process."""
+    from train import data
+    from train.__main__ import main
+
+    fetched, load = [], data.load_manifest
+    monkeypatch.setattr(data, "load_manifest", lambda fs, root: fetched.append(root) or load(fs, root))
+    assert main([write_cfg(tmp_path, config(arith, tmp_path, n_train_loops=1, n_epochs=1))]) == 0
+    assert len(fetched) == 1 and os.listdir(tmp_path / "runs")
+
+
 @pytest.mark.slow
 def test_resume_after_kill_is_exact(arith, tmp_path):
     """kill -9 mid-run, then --resume: metrics.jsonl equals an uninterrupted run's, bit for bit."""

@@ -15,6 +15,8 @@ from shards import Manifest, StreamingDataLoader, StreamingDataset, load_manifes
 from train.blotch import BlotchSpec
 from train.config import Config, ConfigError
 
+SPLITS = ("train", "val")  # what a run reads
+
 
 def dataset_url(cfg: Config) -> str:
     return storage.join(cfg.data_root, cfg.name or cfg.dataset)
@@ -111,9 +113,6 @@ class TrainStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dl.load_state_dict(state)
         self._it = None
-
-
-SPLITS = ("train", "val")  # what a run reads
 
 
 @dataclass
