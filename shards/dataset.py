@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards import formats, storage
 from shards.cache import ShardCache
-from shards.manifest import load_manifest
+from shards.manifest import Manifest, load_manifest
 from shards.partition import Partition
 from shards.shuffle import EpochOrder
 from shards.verify import VerifyError, check_shard_arrays
@@ -45,6 +45,7 @@ class StreamingDataset(IterableDataset):
     hold two blocks (the one being read and the one being prefetched), or the whole split for a full shuffle.
     `retries` and `download_threads` (per process) tune remote reads: against a local S3 server on 2 cores
     2 threads beat 4 and 8; a real object store, where each connection is slow, wants more.
+    `manifest`: the dataset's manifest when the caller has loaded it already (one GET fewer per loader).
     The state never includes `storage_options`, which may hold credentials.
     """
 
@@ -64,9 +65,9 @@ class StreamingDataset(IterableDataset):
         shuffle_block: int | None = None,
         retries: int = 4,
         download_threads: int = 2,
+        manifest: Manifest | None = None,
     ):
-        fs, root = storage.open_fs(path_or_url, storage_options)
-        self.manifest = load_manifest(fs, root)
+        self.manifest = manifest or load_manifest(*storage.open_fs(path_or_url, storage_options))
         self.url, self.split, self.seed, self.batch_size = path_or_url, split, seed, batch_size
         self.shards = self.manifest.split(split).shards
         self.counts = [s.samples for s in self.shards]

@@ -109,12 +109,14 @@ def test_config_disagreeing_with_data_fails_first(arith, tmp_path):
 
 def test_main_fetches_the_manifest_once(arith, tmp_path, monkeypatch):
     """`python -m train` checks the config against its data before any folder exists, and the loop builds on
-    what that check read: one manifest fetch per process."""
+    what that check read, loaders included: one manifest fetch per process."""
+    import shards.dataset
     from train import data
     from train.__main__ import main
 
     fetched, load = [], data.load_manifest
-    monkeypatch.setattr(data, "load_manifest", lambda fs, root: fetched.append(root) or load(fs, root))
+    for module in (data, shards.dataset):  # the trainer's check, and each loader's dataset
+        monkeypatch.setattr(module, "load_manifest", lambda fs, root: fetched.append(root) or load(fs, root))
     assert main([write_cfg(tmp_path, config(arith, tmp_path, n_train_loops=1, n_epochs=1))]) == 0
     assert len(fetched) == 1 and os.listdir(tmp_path / "runs")
 

@@ -60,20 +60,6 @@ def open_manifest(cfg: Config) -> tuple[Manifest, str]:
     return load_manifest(fs, root), url
 
 
-def loader(cfg: Config, url: str, split: str, batch_key: str, shuffle: bool, rank: int, world: int
-           ) -> StreamingDataLoader:
-    """The split's streaming loader for this rank; `batch_key` names the config key that sizes its batches."""
-    batch_size = getattr(cfg, batch_key) or cfg.batch_size
-    ds = StreamingDataset(url, split, shuffle=shuffle, seed=cfg.seed, rank=rank, world_size=world,
-                          batch_size=batch_size, storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
-                          cache_limit=cfg.cache_limit)
-    dl = StreamingDataLoader(ds, batch_size=batch_size, num_workers=cfg.n_workers)
-    if len(dl) == 0:
-        raise ConfigError(f"{url} split {split!r}: {ds.total} samples make no batch of {batch_size} on each of "
-                          f"{world} ranks; lower {batch_key}")
-    return dl
-
-
 def rng_neutral(batches: Iterable) -> Iterator:
     """Iterate without touching the global RNG: a DataLoader iterator draws a seed from it (lazily, at the
     first batch), and a resumed run starts a new iterator where the uninterrupted run did not."""
@@ -135,9 +121,23 @@ def open_source(cfg: Config, splits: Iterable[str]) -> Source:
     return Source(cfg, m, url, blotch_spec(cfg, m))
 
 
+def loader(src: Source, split: str, batch_key: str, shuffle: bool, rank: int, world: int) -> StreamingDataLoader:
+    """The split's streaming loader for this rank; `batch_key` names the config key that sizes its batches."""
+    cfg = src.cfg
+    batch_size = getattr(cfg, batch_key) or cfg.batch_size
+    ds = StreamingDataset(src.url, split, shuffle=shuffle, seed=cfg.seed, rank=rank, world_size=world,
+                          batch_size=batch_size, storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
+                          cache_limit=cfg.cache_limit, manifest=src.manifest)
+    dl = StreamingDataLoader(ds, batch_size=batch_size, num_workers=cfg.n_workers)
+    if len(dl) == 0:
+        raise ConfigError(f"{src.url} split {split!r}: {ds.total} samples make no batch of {batch_size} on each "
+                          f"of {world} ranks; lower {batch_key}")
+    return dl
+
+
 def eval_loader(src: Source, split: str, rank: int, world: int) -> StreamingDataLoader:
     """The split in order, in val_batch_size batches: what validation and `python -m train.eval` read."""
-    return loader(src.cfg, src.url, split, "val_batch_size", False, rank, world)
+    return loader(src, split, "val_batch_size", False, rank, world)
 
 
 @dataclass
@@ -148,5 +148,5 @@ class Data(Source):
 
 def open_data(src: Source, rank: int, world: int) -> Data:
     """This rank's loaders of a run's splits."""
-    train = loader(src.cfg, src.url, "train", "batch_size", True, rank, world)
+    train = loader(src, "train", "batch_size", True, rank, world)
     return Data(src.cfg, src.manifest, src.url, src.spec, train, eval_loader(src, "val", rank, world))
