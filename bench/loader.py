@@ -12,7 +12,9 @@ and the raw limit alternate for `--rounds` rounds and the ratios use the best of
   webdataset      WebDataset(shardshuffle) + .shuffle(1000) + WebLoader, on the same windows as tar shards
   mosaic          MosaicML streaming (`mosaicml-streaming` or `streaming-community`), MDS shards
   litdata         LitData `optimize` + TokensLoader(block_size=1024)
-  raw             pyarrow memory-mapped shards read in contiguous slices, converted like ours: the limit
+  raw             pyarrow memory-mapped shards read in contiguous slices, converted like ours: the limit;
+                  and batches of random rows of all windows in one in-memory array: what any full shuffle
+                  pays for its access pattern, with no shards, memory maps or bookkeeping
   s3 cat_file     fsspec `cat_file` of every shard in turn from the same S3 server (best of 3): the download
                   limit. Plain `cat_file` makes s3fs HEAD then GET; ours asks for the manifest's size in one GET.
 Peers that are not installed are skipped with the reason. The S3 server is moto's, in its own process.
@@ -159,12 +161,22 @@ def bench_ours(url: str, label: str, batch: int, total: int, budget: float, **kw
 def bench_raw(root: str, batch: int, total: int, budget: float) -> None:
     import torch
 
+    paths = [os.path.join(root, "train", p) for p in sorted(os.listdir(os.path.join(root, "train")))]
+
     def run():
-        for path in sorted(os.listdir(os.path.join(root, "train"))):
-            tokens = formats.decode("arrow", os.path.join(root, "train", path))["input_ids"]
+        for path in paths:
+            tokens = formats.decode("arrow", path)["input_ids"]
             for i in range(0, len(tokens) - batch + 1, batch):
                 yield torch.from_numpy(tokens[i : i + batch].astype(np.int64))
     measure("raw pyarrow mmap, contiguous", run, len, total, budget)
+
+    every = np.concatenate([formats.decode("arrow", p)["input_ids"] for p in paths])  # in memory, untimed
+    order = np.random.default_rng(0).permutation(len(every))
+
+    def shuffled():
+        for i in range(0, len(order) - batch + 1, batch):
+            yield torch.from_numpy(every[np.sort(order[i : i + batch])].astype(np.int64))
+    measure("raw numpy, random rows in memory", shuffled, len, total, budget)
 
 
 def bench_hf(tokens: np.ndarray, work: str, batch: int, total: int, budget: float) -> None:
@@ -424,6 +436,9 @@ def print_ratios(rates: dict[str, float]) -> None:
     raw = rates.get("raw pyarrow mmap, contiguous")
     if ours and raw:
         print(f"  ours local / raw bulk read: {ours / raw:.2f}x   (target >= 0.5)")
+    rows = rates.get("raw numpy, random rows in memory")
+    if ours and rows:
+        print(f"  ours local / raw random rows in memory: {ours / rows:.2f}x   (no target: the cost of the order itself)")
     s3 = [r for k, r in rates.items() if k.startswith("ours s3 cold")]
     if s3 and "s3 cat_file, shard after shard" in rates:
         best = max(s3) / rates["s3 cat_file, shard after shard"]
