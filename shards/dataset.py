@@ -242,12 +242,13 @@ class _ShardReader:
         sample-id order.
 
         All ids are sorted together, so each shard is one `take` into a staging buffer however many batches it
-        serves; one more `take` puts the rows in batch order, so that each batch is a contiguous slice that
+        serves; one scatter puts the rows in batch order, so that each batch is a contiguous slice that
         the loader widens in one cache-friendly pass, as it would a sequential read. No step allocates: in the
         main process both buffers are reused and the result is a view that the next read overwrites (the
         loader copies it); a worker's result is pickled later by a queue thread, so it gets a new buffer."""
         in_batch = np.sort(batches, axis=1).ravel()
-        sorted_ids = np.sort(in_batch)  # ids are unique within an epoch
+        by_id = np.argsort(in_batch)  # ids are unique within an epoch
+        sorted_ids = in_batch[by_id]
         cuts = np.searchsorted(sorted_ids, order.offsets)  # where each shard's ids begin
         local = sorted_ids - np.repeat(order.offsets[:-1], np.diff(cuts))  # row within its shard
         by_shard = self.buffers("by_shard", len(in_batch))
@@ -256,8 +257,7 @@ class _ShardReader:
             src = self.shard(int(s))
             for c, out in by_shard.items():
                 np.take(src[c], local[lo:hi], axis=0, out=out[lo:hi], mode="clip")  # in range; "raise" buffers
-        rows = np.searchsorted(sorted_ids, in_batch)  # staging row of each sample, in batch order
         by_batch = self.buffers("by_batch", len(in_batch))
         for c, out in by_batch.items():
-            np.take(by_shard[c], rows, axis=0, out=out, mode="clip")
+            out[by_id] = by_shard[c]  # staging row k holds the sample at batch row by_id[k]
         return {**by_batch, "sample_id": in_batch}
