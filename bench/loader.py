@@ -300,12 +300,12 @@ def bench_s3(endpoint: str, work: str, batch: int, total: int, budget: float) ->
     opts = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint}}
     fs, _ = storage.open_fs("s3://bench", opts)
     paths = sorted(fs.find("bench/ds/train"))
-    runs = []
+    tries = []
     for _ in range(3):  # the best of three: a shared machine and a fresh server make single runs noisy
         c0, t0 = time.process_time(), time.perf_counter()
         nbytes = sum(len(fs.cat_file(p)) for p in paths)
-        runs.append((time.perf_counter() - t0, time.process_time() - c0))
-    dt, cpu = min(runs)
+        tries.append((time.perf_counter() - t0, time.process_time() - c0))
+    dt, cpu = min(tries)
     report("s3 cat_file, shard after shard", total / dt, f"{nbytes / dt / 1e6:.0f} MB/s; cpu {cpu:.2f} s; best of 3")
     for workers in (0, 2):
         caches = [tempfile.mkdtemp(dir=work) for _ in range(3)]  # three cold runs, as cat_file has three tries

@@ -243,8 +243,8 @@ class _ShardReader:
 
         All ids are sorted together, so each shard is one `take` into a staging buffer however many batches it
         serves; one scatter puts the rows in batch order, so that each batch is a contiguous slice that
-        the loader widens in one cache-friendly pass, as it would a sequential read. No step allocates: in the
-        main process both buffers are reused and the result is a view that the next read overwrites (the
+        the loader widens in one cache-friendly pass, as it would a sequential read. No row is copied into new
+        memory: in the main process both buffers are reused and the result is a view that the next read overwrites (the
         loader copies it); a worker's result is pickled later by a queue thread, so it gets a new buffer."""
         in_batch = np.sort(batches, axis=1).ravel()
         by_id = np.argsort(in_batch)  # ids are unique within an epoch
