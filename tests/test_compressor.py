@@ -120,7 +120,7 @@ def test_trains_end_to_end_with_reference_points(tmp_path):
     from tests.conftest import write_dataset
     from train import checkpoint
     from train.loop import train
-    from train.report import read_metrics
+    from train.runlog import read_metrics
 
     write_dataset(str(tmp_path / "arith"), {"train": 200, "val": 32}, cmp_len=C, seq_len=S, content="arithmetic",
                   samples_per_shard=100)
@@ -165,7 +165,7 @@ def test_ddp_two_gloo_processes_match_one(tmp_path):
     import sys
 
     from tests.conftest import write_dataset
-    from train.report import read_metrics
+    from train.runlog import read_metrics
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     write_dataset(str(tmp_path / "arith"), {"train": 96, "val": 32}, cmp_len=C, seq_len=S, content="arithmetic",

@@ -12,7 +12,7 @@ from train import checkpoint
 from train.config import Config, ConfigError
 from train.generate import greedy
 from train.model import build_model
-from train.report import read_metrics
+from train.runlog import read_metrics
 
 LLAMA = {"model_type": "hf", "hf_model": "llama",
          "hf_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -14,7 +14,7 @@ import torch
 from shards import storage
 from train import checkpoint
 from train.config import Config
-from train.report import read_metrics
+from train.runlog import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "h_mult": 2, "drop_p": 0.0, "lr": 3e-3, "warmup_steps": 2,

@@ -28,7 +28,7 @@ from train.data import SPLITS, Data, Source, TrainStream, open_data, open_source
 from train.loss import SUMS, step_sums, token_loss
 from train.model import build_model, model_view
 from train.optim import Schedule, build_optimizer
-from train.report import RunLog, decode, plot_curves, read_metrics, render_example
+from train.runlog import RunLog, decode, plot_curves, read_metrics, render_example
 
 N_EXAMPLES = 3
 
