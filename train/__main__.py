@@ -10,7 +10,7 @@ import os
 import sys
 
 from shards import ManifestError, storage
-from train import checkpoint
+from train import checkpoint, tracking
 from train.config import Config, ConfigError, load_config, parse_overrides
 from train.data import SPLITS, open_source
 from train.dist import launched_world
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = resume_config(resume_folder, parse_overrides(argv[2:]))
         else:
             cfg = load_config(argv[0], parse_overrides(argv[1:]))
+        tracking.check(cfg.tracker)
         source = open_source(cfg, SPLITS)  # a config that disagrees with its data fails before any folder exists
         if cfg.multi_gpu and launched_world() == 1 and "LOCAL_RANK" not in os.environ:
             return relaunch(argv)

@@ -55,6 +55,9 @@ class Config:
     checkpt_mod: Optional[int] = _f(None, "also checkpoint every this many optimizer steps; null = epoch ends only", ge=1)
     keep_checkpoints: int = _f(3, "keep this many most recent checkpoints", ge=1)
     log_mod: int = _f(10, "write a train line to metrics.jsonl every this many optimizer steps", ge=1)
+    tracker: Literal["none", "tensorboard", "wandb"] = _f(
+        "none", "also log metrics to tensorboard (event files in the run folder) or wandb (offline unless logged in)"
+    )
     batch_size: int = _f(32, "samples per micro-batch per rank (a step sees batch_size x world x n_grad_loops)", ge=1)
     val_batch_size: Optional[int] = _f(None, "validation batch size per rank; null = batch_size", ge=1)
     n_grad_loops: int = _f(1, "micro-batches accumulated per optimizer step", ge=1)

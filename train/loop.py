@@ -227,7 +227,7 @@ def build(cfg: Config, folder: str, resume: dict[str, Any] | None, source: Sourc
     total_steps = cfg.n_epochs * steps_per_epoch(cfg, len(data.train))
     run = Run(cfg, ctx, data, model, ddp, build_optimizer(cfg, model), Schedule(cfg, total_steps),
               torch.amp.GradScaler(ctx.device.type, enabled=cfg.torch_dtype == "float16"), TrainStream(data.train),
-              RunLog(folder, ctx.main, resume["logs"] if resume else None), folder, Progress())
+              RunLog(folder, ctx.main, resume["logs"] if resume else None, cfg.tracker), folder, Progress())
     run.val_start = data.val.state_dict()
     if resume is not None:
         restore(run, resume)
@@ -289,6 +289,7 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None, source
             plot_curves(folder)
         t_window = time.perf_counter()
     bar.close()
+    run.log.close()
     if ctx.main and last_val:
         first = next(r for r in read_metrics(folder) if r["split"] == "val")
         plot = os.path.join(folder, "curves.png")
