@@ -252,13 +252,16 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None, source
     elif ctx.main:
         run.log.text(f"resumed {folder} at step {p.step} (epoch {p.epoch + 1})")
     n_steps = steps_per_epoch(cfg, len(run.data.train))
-    bar = tqdm(total=run.sched.total, initial=p.step, disable=not ctx.main, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=run.sched.total, initial=p.step, disable=None if ctx.main else True,  # None: no bar in a file
+               unit="step", dynamic_ncols=True)
     last_val: dict[str, Any] = {}
     t_window = time.perf_counter()
     while p.epoch < cfg.n_epochs:
         t_epoch = time.perf_counter()
         while p.step_in_epoch < n_steps:
             sums, grad_norm = train_step(run)
+            if not math.isfinite(sums["nll"]):  # the same on every rank (reduced), so all of them stop here
+                raise FloatingPointError(f"train loss is {sums['nll']} at step {p.step + 1}: the run diverged")
             p.step, p.step_in_epoch, p.window_steps = p.step + 1, p.step_in_epoch + 1, p.window_steps + 1
             p.window = {k: p.window[k] + sums[k] for k in SUMS}
             p.window_grad_norm += grad_norm
