@@ -1,0 +1,109 @@
+"""`python -m train.sweep ... --executor ray`: every run is one Ray Tune trial, on whichever node Ray places it.
+
+A trial reserves {"cpu": C, "gpu": G} and runs the same `python -m train` subprocess as the local executor
+(train.sweep.Child: fresh or resumed, output into the run's training_log.txt, C torch threads, the trial's GPUs
+as CUDA_VISIBLE_DEVICES), and feeds `tune.report` with each val record of the run's metrics.jsonl as it
+appears. So a run's folder holds the same files, and its metrics.jsonl the same records, whichever executor ran
+it. This driver keeps sweep.json and the terminal (a Tune callback); Tune's own bookkeeping goes to
+save_root/exp_name/.ray_tune, out of the run folders.
+
+On a cluster of several machines the run folders (save_root) must be on storage every node shares, and every
+node needs this project at the same path with its environment (each trial imports `train` from there and starts
+`python -m train` in the directory the sweep was started from).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+from ray import tune
+
+from train.report import records_of
+from train.sweep import ROOT, Child, Progress, Run, RunSpec, Sweep, last_line, latest, stop
+
+TUNE_DIR = ".ray_tune"
+REPORT_S = 1.0  # how often a trial looks for new val records
+
+
+def trial(config: dict[str, Any], specs: list[RunSpec], threads: int, storage_options: dict | None) -> None:
+    """Tune's function trainable: one run, start to end. Raises when the run fails, so Tune marks it errored."""
+    spec = specs[config["run"]]
+    node = ray.get_runtime_context().get_node_id()
+    child = Child(spec, threads, ",".join(str(i) for i in ray.get_gpu_ids()), storage_options)
+    reported, rc = 0, None
+    try:
+        while rc is None:
+            rc = child.poll()
+            val = [r for r in records_of(spec.folder) if r["split"] == "val"]
+            for record in val[reported:]:
+                tune.report({**record, "node": node})
+            reported = len(val)
+            if rc is None:
+                time.sleep(REPORT_S)
+    finally:
+        if rc is None:  # Tune stops the trial: stop the run with it
+            stop([child])
+    if rc:
+        raise RuntimeError(last_line(spec.folder) or f"python -m train exited with status {rc}")
+
+
+class Bookkeeping(tune.Callback):
+    """In the driver: each trial's start and end go to sweep.json and the terminal, like the local executor's."""
+
+    def __init__(self, sweep: Sweep, runs: list[Run], progress: Progress):
+        self.sweep, self.runs, self.progress = sweep, runs, progress
+        self.started: dict[int, float] = {}  # run index -> when its trial started
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run = self.runs[trial.config["run"]]
+        self.started[trial.config["run"]] = time.time()
+        self.progress.started(run, latest(os.path.join(self.sweep.exp, run.folder)))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.runs[trial.config["run"]].node = result.get("node")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        i = trial.config["run"]
+        self.progress.finished(self.runs[i], True, time.time() - self.started.pop(i))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        i = trial.config["run"]
+        error = last_line(os.path.join(self.sweep.exp, self.runs[i].folder)) or f"the Ray trial failed ({trial.path})"
+        self.progress.finished(self.runs[i], False, time.time() - self.started.pop(i), error)
+
+    def stop_all(self) -> None:
+        """After an interruption: the trials still running are stopped (their workers go with the driver)."""
+        for i, t0 in self.started.items():
+            self.progress.stopped(self.runs[i], time.time() - t0)
+
+
+def run_ray(sweep: Sweep, runs: list[Run], progress: Progress, address: str | None, gpus_per_run: int | None,
+            cpus_per_run: int) -> None:
+    """One Tune trial per run, on the cluster at `address`; when None, on a new local Ray instance (never on a
+    cluster that `ray start` left running here: that takes --address)."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C stops the sweep at once, as with the local executor
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter, which verbose=0 silences: we print our own lines
+    ray.init(address=address or "local", runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, log_to_driver=False,
+             include_dashboard=False, logging_level="ERROR")
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # a failed trial is our FAILED line, not a traceback
+    callback = Bookkeeping(sweep, runs, progress)
+    try:
+        gpus = gpus_per_run if gpus_per_run is not None else int(ray.cluster_resources().get("GPU", 0) > 0)
+        specs = [RunSpec(os.path.abspath(os.path.join(sweep.exp, r.folder)), sweep.config(r), os.getcwd())
+                 for r in runs]
+        trainable = tune.with_parameters(trial, specs=specs, threads=cpus_per_run,
+                                         storage_options=sweep.base.storage_options)
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": cpus_per_run, "gpu": gpus}),
+            param_space={"run": tune.grid_search(list(range(len(runs))))},
+            tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: runs[t.config["run"]].folder),
+            run_config=tune.RunConfig(name="sweep", storage_path=os.path.abspath(os.path.join(sweep.exp, TUNE_DIR)),
+                                      verbose=0, callbacks=[callback], failure_config=tune.FailureConfig(0)),
+        )
+        tuner.fit()
+    finally:
+        callback.stop_all()
+        ray.shutdown()
