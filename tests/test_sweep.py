@@ -152,7 +152,8 @@ def test_changed_base_config_or_keys_are_refused(grid, tmp_path, capsys):
     ({"combos": {"seed": [0, 1], "lr": [0.1]}}, "r.json: the lists in 'combos' must have equal lengths, got {'seed': 2, 'lr': 1}"),
     ({"seed": [0], "combos": {"seed": [1]}}, "r.json: 'seed' is both in the grid and in 'combos'"),
     ({"save_root": ["a", "b"]}, "r.json: 'save_root' cannot be swept"),
-    ([0.1, 0.2], "ranges file "),
+    ([0.1, 0.2], "r.json: expected a JSON object"),
+    ({}, "no keys to sweep"),
     ({"tracker": ["none", "wandb"]}, "config key 'tracker': 'wandb' needs the wandb package"),
 ])
 def test_bad_ranges_are_one_line_errors_before_anything_exists(arith, tmp_path, capsys, ranges, message):
@@ -176,6 +177,24 @@ def test_folder_names_and_expansion_order():
     keys = swept_keys(ranges)
     assert keys == ["n_layers", "hf_config", "separator_ids", "tie_weights", "data_files"]
     assert folder_suffix(keys, runs[0]) == "_n_layers1_hf_confign_layer:2_separator_ids56_tie_weightsTrue_data_filesabc.txt"
+
+
+def test_gpu_slots_and_ddp_runs(monkeypatch):
+    """GPU groups get their own CUDA_VISIBLE_DEVICES, K runs each, interleaved; the cores are split over all
+    slots; a run of several GPUs is a DDP run (multi_gpu), unless it shards one model (model_parallel)."""
+    from train.config import Config, ConfigError
+    from train.sweep import Run, Slot, Sweep, local_slots
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert local_slots("0,1,2,3", 2, 2) == [Slot("0,1", 4), Slot("2,3", 4), Slot("0,1", 4), Slot("2,3", 4)]
+    assert local_slots("cpu", 3, None) == [Slot("", 5)] * 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert local_slots(None, 1, None) == [Slot("5", 8), Slot("7", 8)]
+    with pytest.raises(ConfigError, match="--gpus_per_run 3 does not divide the 2 devices 5,7"):
+        local_slots(None, 1, 3)
+    sweep = Sweep("x", Config(), {}, [], [], gpus_per_run=2)
+    assert sweep.config(Run("r", {"lr": 0.1}))["multi_gpu"] is True
+    assert sweep.config(Run("r", {"model_parallel": True}))["multi_gpu"] is False
 
 
 @pytest.mark.slow
@@ -211,10 +230,10 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_metrics(grid, arith, tmp_path
 
 @pytest.mark.slow
 def test_a_failing_run_does_not_stop_the_others(arith, tmp_path):
-    """lr 1e30 makes the loss NaN at step 2: that run fails with its error line, the next one still runs, the sweep
+    """lr 1e30 makes the loss NaN at step 2: that run fails with its error line, the other one ends, the sweep
     exits 1 naming it; a rerun retries it and only it."""
     cfg, ranges = base_config(arith, tmp_path, "f"), write(tmp_path / "ranges.json", {"lr": [1e30, 0.003]})
-    rc, out, err = finish(sweep(cfg, ranges))
+    rc, out, err = finish(sweep(cfg, ranges, "--runs_per_device", "2"))
     error = "FloatingPointError: train loss is nan at step 2: the run diverged"
     assert rc == 1 and f"1 of 2 runs failed: f_0_lr1e+30 ({error})" in err, out + err
     assert f"FAILED f_0_lr1e+30: {error}" in out and "done   f_1_lr0.003" in out

@@ -242,18 +242,24 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_json_object(path: str, what: str) -> dict[str, Any]:
+    """The JSON object in a file; a missing file, invalid JSON or another type is a one-line error."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} {path}: expected a JSON object")
+    return d
+
+
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
     d: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path}: invalid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config file {path}: expected a JSON object")
+        d = read_json_object(path, "config file")
         check_keys(d, path)
     check_keys(overrides or {}, "command line")
     return Config(**{**d, **(overrides or {})})

@@ -35,12 +35,16 @@ HIGHER_IS_BETTER = {"val_acc", "best_val_acc", "answer_acc", "tokens_per_s"}
 NOT_COMPARED = {"storage_options"}  # redacted in hyperparams.json: its differences say nothing
 
 
-def read_sweep(exp: str) -> dict[str, Any] | None:
-    path = os.path.join(exp, SWEEP_FILE)
+def read_json(path: str) -> dict[str, Any] | None:
+    """The file's JSON, None when there is no file."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def read_sweep(exp: str) -> dict[str, Any] | None:
+    return read_json(os.path.join(exp, SWEEP_FILE))
 
 
 def sweep_is_live(exp: str) -> bool:
@@ -54,14 +58,6 @@ def sweep_is_live(exp: str) -> bool:
         except BlockingIOError:
             return True
     return False
-
-
-def read_hyperparams(folder: str) -> dict[str, Any] | None:
-    path = os.path.join(folder, HYPERPARAMS)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def records_of(folder: str) -> list[dict[str, Any]]:
@@ -103,7 +99,7 @@ def collect(exp: str) -> tuple[list[str], list[dict[str, Any]], dict[str, list[d
     live = sweep_is_live(exp)
     others = sorted(n for n in os.listdir(exp)
                     if n not in entries and os.path.isfile(os.path.join(exp, n, HYPERPARAMS)))
-    hyper = {n: read_hyperparams(os.path.join(exp, n)) for n in [*entries, *others]}
+    hyper = {n: read_json(os.path.join(exp, n, HYPERPARAMS)) for n in [*entries, *others]}
     swept = list(sweep["keys"]) if sweep else []
     keys = swept + [k for k in varying_keys([h for h in hyper.values() if h]) if k not in swept]
     rows, curves = [], {}

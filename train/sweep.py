@@ -37,7 +37,7 @@ from typing import Any, TextIO
 
 from shards.storage import write_local_atomic
 from train import report, tracking
-from train.config import Config, ConfigError, check_keys, load_config, parse_overrides
+from train.config import Config, ConfigError, check_keys, load_config, parse_overrides, read_json_object
 from train.runlog import TEXT_LOG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # runs import this copy of `train`
@@ -65,15 +65,9 @@ def check_values(path: str, key: str, values: Any) -> None:
 
 def load_ranges(path: str) -> dict[str, Any]:
     """The ranges file, checked: config keys only, non-empty lists, combos of equal length, no key twice."""
-    try:
-        with open(path) as f:
-            ranges = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"ranges file {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"ranges file {path}: invalid JSON ({e})") from None
-    if not isinstance(ranges, dict) or not ranges:
-        raise ConfigError(f"ranges file {path}: expected a JSON object of config key -> list of values")
+    ranges = read_json_object(path, "ranges file")
+    if not ranges:
+        raise ConfigError(f"ranges file {path}: no keys to sweep")
     combos = ranges.get(COMBOS, {})
     if COMBOS in ranges and (not isinstance(combos, dict) or not combos):
         raise ConfigError(f"{path}: {COMBOS!r} must be an object of config key -> list of values")
@@ -159,10 +153,9 @@ def used_numbers(exp: str, exp_name: str, names: list[str]) -> set[int]:
     return {int(m.group(1)) for n in [*on_disk, *names] if (m := pattern.match(n))}
 
 
-def plan(config_path: str, ranges_path: str, overrides: dict[str, Any], gpus_per_run: int) -> tuple[Sweep, list[Run]]:
+def plan(base: Config, ranges_path: str, gpus_per_run: int) -> tuple[Sweep, list[Run]]:
     """The sweep (sweep.json's state, with this command's new combinations added) and this command's runs, in
     expansion order. Reads only: every error is raised before anything is written."""
-    base = load_config(config_path, overrides)
     ranges = load_ranges(ranges_path)
     combos = expand(ranges)
     sweep = Sweep(os.path.join(os.path.expanduser(base.save_root), base.exp_name), base, ranges,
@@ -257,7 +250,7 @@ class Child:
     dropped; its stderr (warnings, tracebacks) is appended to training_log.txt, so nothing reaches the terminal.
     storage_options go on the command line, as `python -m train --resume` wants them, never into a file."""
 
-    def __init__(self, spec: RunSpec, threads: int, gpus: str | None, storage_options: dict | None):
+    def __init__(self, spec: RunSpec, threads: int, gpus: str, storage_options: dict | None):
         self.folder, self.stopping, self.started = spec.folder, False, time.time()
         self.resumed_from, self.config_file = latest(spec.folder), None
         if self.resumed_from:
@@ -272,9 +265,7 @@ class Child:
         if storage_options:
             args += ["--storage_options", json.dumps(storage_options)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        if gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpus
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": gpus}
         with open(os.path.join(spec.folder, TEXT_LOG), "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=spec.cwd, env=env,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
@@ -476,9 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = parse_args(argv)
-        slots = local_slots(args.devices, args.runs_per_device, args.gpus_per_run) if args.executor == "local" else []
+        base = load_config(args.config, overrides)
+        slots = []
+        if args.executor == "local":  # a config that asks for the CPU gets CPU slots on a machine with GPUs too
+            devices = args.devices or ("cpu" if base.device == "cpu" else None)
+            slots = local_slots(devices, args.runs_per_device, args.gpus_per_run)
         gpus_per_run = len(slots[0].gpus.split(",")) if slots and slots[0].gpus else args.gpus_per_run or 0
-        sweep, runs = plan(args.config, args.ranges, overrides, gpus_per_run)
+        sweep, runs = plan(base, args.ranges, gpus_per_run)
         if args.dry_run:
             for run in runs:
                 print(f"{run.folder}  {describe(run.values)}  [{run.status}]")
