@@ -65,7 +65,8 @@ def main() -> None:
         cfg = config(f"b2b{i}")
         times["back to back"].append(sum(timed(["-m", "train", cfg, "--blotch_p", str(p), "--seed", str(s)])
                                          for p in RANGES["blotch_p"] for s in RANGES["seed"]))
-        times["sweep, local"].append(timed(["-m", "train.sweep", config(f"local{i}"), ranges, "--runs_per_device", "2"]))
+        local = ["-m", "train.sweep", config(f"local{i}"), ranges, "--runs_per_device", "2"]
+        times["sweep, local"].append(timed(local))
         times["sweep, ray"].append(timed(["-m", "train.sweep", config(f"ray{i}"), ranges, "--executor", "ray"]))
         print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
     t = {k: statistics.median(v) for k, v in times.items()}

@@ -18,6 +18,7 @@ from train.runlog import read_metrics
 
 # 2 epochs of 4 steps, a checkpoint every 2: a run takes a few seconds, most of them imports
 BASE = {**TINY, "n_train_loops": 4, "checkpt_mod": 2, "gen_val_samples": 8}
+SECRET = {"secret": "hunter2"}  # storage_options: the runs get them, no file of the sweep holds them
 GRID = {"blotch_p": [0.0, 0.5], "combos": {"seed": [0, 1], "lr": [0.003, 0.01]}}
 GRID_FOLDERS = ["g_0_blotch_p0.0_seed0_lr0.003", "g_1_blotch_p0.0_seed1_lr0.01", "g_2_blotch_p0.5_seed0_lr0.003",
                 "g_3_blotch_p0.5_seed1_lr0.01"]
@@ -40,10 +41,13 @@ def base_config(arith: str, tmp_path, exp_name: str, **kw) -> str:
     return write(tmp_path / f"{exp_name}.json", {**cfg, **kw})
 
 
-def sweep(*args: str) -> subprocess.Popen:
-    """The sweep CLI in its own process group (session), as a terminal would run it."""
+def sweep(*args: str, without_ray: bool = False) -> subprocess.Popen:
+    """The sweep CLI in its own process group (session), as a terminal would run it; `without_ray`: any import
+    of ray fails."""
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}  # runs on CPU
-    return subprocess.Popen([sys.executable, "-m", "train.sweep", *args], cwd=ROOT, env=env,
+    block = "import sys; sys.modules['ray'] = None; " if without_ray else "import sys; "
+    main = [sys.executable, "-c", block + "from train.sweep import main; sys.exit(main(sys.argv[1:]))"]
+    return subprocess.Popen([*main, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -58,6 +62,12 @@ def state(exp: str) -> dict:
 
 def results(exp: str) -> list[dict]:
     return list(csv.DictReader(open(os.path.join(exp, "results.csv"))))
+
+
+def assert_no_secret(folder: str) -> None:
+    for root, _, names in os.walk(folder):
+        for name in names:
+            assert b"hunter2" not in open(os.path.join(root, name), "rb").read(), os.path.join(root, name)
 
 
 def live_members(pgid: int, timeout: float = 10) -> list[int]:
@@ -82,7 +92,7 @@ def live_members(pgid: int, timeout: float = 10) -> list[int]:
 def grid(arith, tmp_path_factory) -> tuple[str, str, str]:
     """A 2 x 2 sweep (a grid key crossed with paired combos), two runs at a time: (exp folder, stdout, config)."""
     tmp = tmp_path_factory.mktemp("grid")
-    cfg, ranges = base_config(arith, tmp, "g"), write(tmp / "ranges.json", GRID)
+    cfg, ranges = base_config(arith, tmp, "g", storage_options=SECRET), write(tmp / "ranges.json", GRID)
     rc, out, err = finish(sweep(cfg, ranges, "--runs_per_device", "2"))
     assert rc == 0, out + err
     return str(tmp / "runs" / "g"), out, cfg
@@ -112,20 +122,24 @@ def test_grid_with_combos(grid):
     lines = out.splitlines()  # one line per start and end; the runs' own output stays in their training_log.txt
     assert sum(ln.startswith("start  g_") for ln in lines) == 4 and sum(ln.startswith("done   g_") for ln in lines) == 4
     assert "epoch 1/2" not in out and "epoch 1/2" in open(os.path.join(exp, GRID_FOLDERS[0], "training_log.txt")).read()
+    assert s["base"]["storage_options"] == {"secret": "<redacted>"}
+    assert_no_secret(exp)
 
 
 def test_rerun_starts_nothing_and_more_values_add_runs(grid, tmp_path):
     exp, _, cfg = grid
     before = {f: os.path.getmtime(os.path.join(exp, f, "metrics.jsonl")) for f in GRID_FOLDERS}
-    rc, out, err = finish(sweep(cfg, write(tmp_path / "ranges.json", GRID)))
+    rc, out, err = finish(sweep(cfg, write(tmp_path / "ranges.json", GRID), without_ray=True))  # local: no ray
     assert rc == 0 and "4 runs, 4 done, 0 to run" in out and "start" not in out, out + err
     assert before == {f: os.path.getmtime(os.path.join(exp, f, "metrics.jsonl")) for f in GRID_FOLDERS}
     more = {**GRID, "blotch_p": [0.0, 0.5, 0.9]}  # dry run: the new combinations take the next free numbers
     rc, out, err = finish(sweep(cfg, write(tmp_path / "more.json", more), "--dry_run"))
     assert rc == 0, err
     assert out.splitlines()[:6] == [
-        f"{GRID_FOLDERS[0]}  blotch_p=0.0 seed=0 lr=0.003  [done]", f"{GRID_FOLDERS[1]}  blotch_p=0.0 seed=1 lr=0.01  [done]",
-        f"{GRID_FOLDERS[2]}  blotch_p=0.5 seed=0 lr=0.003  [done]", f"{GRID_FOLDERS[3]}  blotch_p=0.5 seed=1 lr=0.01  [done]",
+        f"{GRID_FOLDERS[0]}  blotch_p=0.0 seed=0 lr=0.003  [done]",
+        f"{GRID_FOLDERS[1]}  blotch_p=0.0 seed=1 lr=0.01  [done]",
+        f"{GRID_FOLDERS[2]}  blotch_p=0.5 seed=0 lr=0.003  [done]",
+        f"{GRID_FOLDERS[3]}  blotch_p=0.5 seed=1 lr=0.01  [done]",
         "g_4_blotch_p0.9_seed0_lr0.003  blotch_p=0.9 seed=0 lr=0.003  [pending]",
         "g_5_blotch_p0.9_seed1_lr0.01  blotch_p=0.9 seed=1 lr=0.01  [pending]"]
     assert len(state(exp)["runs"]) == 4  # a dry run writes nothing
@@ -137,8 +151,8 @@ def test_changed_base_config_or_keys_are_refused(grid, tmp_path, capsys):
     exp, _, cfg = grid
     before = open(os.path.join(exp, "sweep.json")).read()
     assert main([cfg, write(tmp_path / "r.json", GRID), "--lr", "0.1", "--n_epochs", "3", "--devices", "cpu"]) == 2
-    assert capsys.readouterr().err == (f"error: {exp}/sweep.json: the base config differs in ['n_epochs']; run with "
-                                       "the same config and overrides, or sweep under another exp_name\n")  # lr is swept
+    assert capsys.readouterr().err == (f"error: {exp}/sweep.json: the base config differs in ['n_epochs']; run "
+                                       "with the same config and overrides, or sweep under another exp_name\n")
     assert main([cfg, write(tmp_path / "r.json", {"seed": [0]}), "--devices", "cpu"]) == 2
     assert "sweep.json sweeps ['blotch_p', 'seed', 'lr']" in capsys.readouterr().err
     assert open(os.path.join(exp, "sweep.json")).read() == before
@@ -146,10 +160,12 @@ def test_changed_base_config_or_keys_are_refused(grid, tmp_path, capsys):
 
 @pytest.mark.parametrize("ranges, message", [
     ({"blotch_pp": [0.1]}, "r.json: unknown config key 'blotch_pp'; did you mean 'blotch_p'?"),
-    ({"seed": [0], "blotch_p": [0.1, 1.5]}, "r.json: run 1 (seed=0 blotch_p=1.5): config key 'blotch_p': 1.5 must be <= 1"),
+    ({"seed": [0], "blotch_p": [0.1, 1.5]},
+     "r.json: run 1 (seed=0 blotch_p=1.5): config key 'blotch_p': 1.5 must be <= 1"),
     ({"blotch_p": []}, "r.json: 'blotch_p' has no values (an empty list)"),
     ({"blotch_p": 0.5}, "r.json: 'blotch_p' must be a list of values, not 0.5"),
-    ({"combos": {"seed": [0, 1], "lr": [0.1]}}, "r.json: the lists in 'combos' must have equal lengths, got {'seed': 2, 'lr': 1}"),
+    ({"combos": {"seed": [0, 1], "lr": [0.1]}},
+     "r.json: the lists in 'combos' must have equal lengths, got {'seed': 2, 'lr': 1}"),
     ({"seed": [0], "combos": {"seed": [1]}}, "r.json: 'seed' is both in the grid and in 'combos'"),
     ({"save_root": ["a", "b"]}, "r.json: 'save_root' cannot be swept"),
     ([0.1, 0.2], "r.json: expected a JSON object"),
@@ -176,7 +192,8 @@ def test_folder_names_and_expansion_order():
     assert [(r["n_layers"], r["separator_ids"]) for r in runs] == [(1, [5, 6]), (1, [7]), (2, [5, 6]), (2, [7])]
     keys = swept_keys(ranges)
     assert keys == ["n_layers", "hf_config", "separator_ids", "tie_weights", "data_files"]
-    assert folder_suffix(keys, runs[0]) == "_n_layers1_hf_confign_layer:2_separator_ids56_tie_weightsTrue_data_filesabc.txt"
+    assert folder_suffix(keys, runs[0]) == ("_n_layers1_hf_confign_layer:2_separator_ids56_tie_weightsTrue"
+                                            "_data_filesabc.txt")
 
 
 def test_gpu_slots_and_ddp_runs(monkeypatch):
@@ -218,13 +235,14 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_metrics(grid, arith, tmp_path
     assert rc == 0 and "start  k_0_blotch_p0.5_seed0_lr0.003 (resumes from checkpt_" in out, out + err
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for folder, reference in (("k_0_blotch_p0.5_seed0_lr0.003", GRID_FOLDERS[2]), ("k_1_blotch_p0.5_seed1_lr0.01", GRID_FOLDERS[3])):
+    for folder, reference in zip(("k_0_blotch_p0.5_seed0_lr0.003", "k_1_blotch_p0.5_seed1_lr0.01"), GRID_FOLDERS[2:]):
         rows = read_metrics(os.path.join(exp, folder))
         close(rows, read_metrics(os.path.join(exp_g, reference)))
         events = EventAccumulator(os.path.join(exp, folder))
         events.Reload()
         val = [r for r in rows if r["split"] == "val"]
-        assert [(e.step, e.value) for e in events.Scalars("val/loss")] == [(r["step"], pytest.approx(r["loss"])) for r in val]
+        assert [(e.step, e.value) for e in events.Scalars("val/loss")] == [
+            (r["step"], pytest.approx(r["loss"])) for r in val]
     assert [r["status"] for r in results(exp)] == ["done", "done"]
 
 
@@ -310,7 +328,8 @@ def test_train_cli_refuses_a_missing_tracker_and_a_used_save_folder(grid, capsys
     exp, _, cfg = grid
     folder = os.path.join(exp, GRID_FOLDERS[0])
     assert main([cfg, "--save_folder", folder]) == 2
-    assert capsys.readouterr().err == f"error: --save_folder {folder}: already holds a run; continue it with --resume {folder}\n"
+    assert capsys.readouterr().err == (f"error: --save_folder {folder}: already holds a run; continue it with "
+                                       f"--resume {folder}\n")
     if importlib.util.find_spec("wandb") is None:
         assert main([cfg, "--tracker", "wandb"]) == 2
         assert capsys.readouterr().err == ("error: config key 'tracker': 'wandb' needs the wandb package, which is not "

@@ -177,7 +177,7 @@ def plot(path: str, keys: list[str], rows: list[dict[str, Any]], curves: dict[st
             if pts:
                 ax.plot([r["step"] for r in pts], [r[field] for r in pts], "o-", ms=3, label=label(row, keys))
         ax.set(xlabel="optimizer step", ylabel=title)
-        if len(rows) <= 20:
+        if ax.lines and len(rows) <= 20:
             ax.legend(fontsize="x-small")
     for ax, key in zip(axes[len(panels):], keys):
         pts = [(r[key], r[metric]) for r in rows if r.get(metric) is not None]

@@ -126,7 +126,7 @@ class Run:
 @dataclass
 class Sweep:
     exp: str  # save_root/exp_name
-    base: Config
+    base: Config  # storage_options values redacted: the credentials are passed to the executors alone
     ranges: dict[str, Any]
     keys: list[str]  # the swept keys, in the order folder names use
     runs: list[Run]  # every run of sweep.json, those of earlier ranges files too
@@ -158,8 +158,8 @@ def plan(base: Config, ranges_path: str, gpus_per_run: int) -> tuple[Sweep, list
     expansion order. Reads only: every error is raised before anything is written."""
     ranges = load_ranges(ranges_path)
     combos = expand(ranges)
-    sweep = Sweep(os.path.join(os.path.expanduser(base.save_root), base.exp_name), base, ranges,
-                  swept_keys(ranges), [], gpus_per_run)
+    sweep = Sweep(os.path.join(os.path.expanduser(base.save_root), base.exp_name),
+                  Config(**base.to_dict(public=True)), ranges, swept_keys(ranges), [], gpus_per_run)
     for i, values in enumerate(combos):
         try:
             cfg = Config(**sweep.config(Run("", values)))
@@ -174,7 +174,7 @@ def plan(base: Config, ranges_path: str, gpus_per_run: int) -> tuple[Sweep, list
             raise ConfigError(f"{sweep.exp}/{report.SWEEP_FILE} sweeps {saved['keys']}, {ranges_path} sweeps "
                               f"{sweep.keys}: sweep other keys under another exp_name")
         old = {**Config().to_dict(public=True), **saved["base"]}  # keys added to Config since keep their default
-        new = base.to_dict(public=True)
+        new = sweep.base.to_dict()
         changed = sorted(k for k in new if k not in sweep.keys and old.get(k) != new[k])
         if changed:
             raise ConfigError(f"{sweep.exp}/{report.SWEEP_FILE}: the base config differs in {changed}; run with the "
@@ -226,10 +226,14 @@ def latest(folder: str) -> str | None:
         return f.read().strip()
 
 
+# Looked up once here: a forked child of a threaded process (a Ray worker) must not load libraries.
+PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
 def die_with_parent() -> None:
     """Runs in the child before exec (Linux): SIGTERM when the thread that started it dies, so a sweep killed
     alone (kill -9 PID), or a Ray worker that goes away, leaves no training behind."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    PRCTL(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
 
 
 def last_line(folder: str) -> str:
@@ -269,7 +273,7 @@ class Child:
         with open(os.path.join(spec.folder, TEXT_LOG), "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=spec.cwd, env=env,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                         preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                                         preexec_fn=die_with_parent if PRCTL else None)
 
     def poll(self) -> int | None:
         rc = self.proc.poll()
@@ -381,7 +385,8 @@ def local_slots(devices: str | None, runs_per_device: int, gpus_per_run: int | N
     return [Slot(group, max(1, cores // n)) for _ in range(runs_per_device) for group in groups]
 
 
-def run_local(sweep: Sweep, runs: list[Run], slots: list[Slot], progress: Progress) -> None:
+def run_local(sweep: Sweep, runs: list[Run], slots: list[Slot], progress: Progress,
+              storage_options: dict | None) -> None:
     """A pool of `python -m train` subprocesses, one per free slot, in the runs' order."""
     queue, live = list(runs), {}  # slot index -> (run, child)
     try:
@@ -390,7 +395,7 @@ def run_local(sweep: Sweep, runs: list[Run], slots: list[Slot], progress: Progre
                 if i not in live and queue:
                     run = queue.pop(0)
                     spec = RunSpec(os.path.abspath(os.path.join(sweep.exp, run.folder)), sweep.config(run), os.getcwd())
-                    live[i] = run, Child(spec, slot.threads, slot.gpus, sweep.base.storage_options)
+                    live[i] = run, Child(spec, slot.threads, slot.gpus, storage_options)
                     progress.started(run, live[i][1].resumed_from)
             for i, (run, child) in list(live.items()):
                 rc = child.poll()
@@ -500,9 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         if todo and args.executor == "ray":
             from train.sweep_ray import run_ray
 
-            run_ray(sweep, todo, progress, args.address, args.gpus_per_run, args.cpus_per_run or 1)
+            run_ray(sweep, todo, progress, base.storage_options, args.address, args.gpus_per_run,
+                    args.cpus_per_run or 1)
         elif todo:
-            run_local(sweep, todo, slots, progress)
+            run_local(sweep, todo, slots, progress, base.storage_options)
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
     except Stop as e:

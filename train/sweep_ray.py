@@ -28,11 +28,12 @@ TUNE_DIR = ".ray_tune"
 REPORT_S = 1.0  # how often a trial looks for new val records
 
 
-def trial(config: dict[str, Any], specs: list[RunSpec], threads: int, storage_options: dict | None) -> None:
+def trial(config: dict[str, Any], specs: list[RunSpec], threads: int, storage_options: list[ray.ObjectRef]
+          ) -> None:
     """Tune's function trainable: one run, start to end. Raises when the run fails, so Tune marks it errored."""
     spec = specs[config["run"]]
     node = ray.get_runtime_context().get_node_id()
-    child = Child(spec, threads, ",".join(str(i) for i in ray.get_gpu_ids()), storage_options)
+    child = Child(spec, threads, ",".join(str(i) for i in ray.get_gpu_ids()), ray.get(storage_options[0]))
     reported, rc = 0, None
     try:
         while rc is None:
@@ -48,6 +49,18 @@ def trial(config: dict[str, Any], specs: list[RunSpec], threads: int, storage_op
             stop([child])
     if rc:
         raise RuntimeError(last_line(spec.folder) or f"python -m train exited with status {rc}")
+
+
+def trial_error(trial: Any) -> str:
+    """The last line of what the trial raised: the run's error line (see `trial`), or Ray's own error. Read from
+    the trial's local copy: the one in storage_path is synced later."""
+    error = None
+    if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
+        with open(trial.pickled_error_file, "rb") as f:
+            error = ray.cloudpickle.load(f)
+    cause = getattr(error, "cause", error)  # a RayTaskError wraps the exception the trial raised
+    lines = str(cause).strip().splitlines() if cause is not None else []
+    return lines[-1] if lines else f"the Ray trial failed (see {trial.path})"
 
 
 class Bookkeeping(tune.Callback):
@@ -71,8 +84,7 @@ class Bookkeeping(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         i = trial.config["run"]
-        error = last_line(os.path.join(self.sweep.exp, self.runs[i].folder)) or f"the Ray trial failed ({trial.path})"
-        self.progress.finished(self.runs[i], False, time.time() - self.started.pop(i), error)
+        self.progress.finished(self.runs[i], False, time.time() - self.started.pop(i), trial_error(trial))
 
     def stop_all(self) -> None:
         """After an interruption: the trials still running are stopped (their workers go with the driver)."""
@@ -80,8 +92,8 @@ class Bookkeeping(tune.Callback):
             self.progress.stopped(self.runs[i], time.time() - t0)
 
 
-def run_ray(sweep: Sweep, runs: list[Run], progress: Progress, address: str | None, gpus_per_run: int | None,
-            cpus_per_run: int) -> None:
+def run_ray(sweep: Sweep, runs: list[Run], progress: Progress, storage_options: dict | None,
+            address: str | None, gpus_per_run: int | None, cpus_per_run: int) -> None:
     """One Tune trial per run, on the cluster at `address`; when None, on a new local Ray instance (never on a
     cluster that `ray start` left running here: that takes --address)."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C stops the sweep at once, as with the local executor
@@ -94,8 +106,10 @@ def run_ray(sweep: Sweep, runs: list[Run], progress: Progress, address: str | No
         gpus = gpus_per_run if gpus_per_run is not None else int(ray.cluster_resources().get("GPU", 0) > 0)
         specs = [RunSpec(os.path.abspath(os.path.join(sweep.exp, r.folder)), sweep.config(r), os.getcwd())
                  for r in runs]
+        # storage_options (credentials) by a reference in a list, which with_parameters leaves unresolved: Tune
+        # pickles the trainable's parameters into its tuner.pkl
         trainable = tune.with_parameters(trial, specs=specs, threads=cpus_per_run,
-                                         storage_options=sweep.base.storage_options)
+                                         storage_options=[ray.put(storage_options)])
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpus_per_run, "gpu": gpus}),
             param_space={"run": tune.grid_search(list(range(len(runs))))},
