@@ -50,8 +50,12 @@ VALUED = ("--executor", "--devices", "--runs_per_device", "--gpus_per_run", "--c
 FLAGS = ("--dry_run", "-h", "--help")
 
 
-class Stop(Exception):
-    """SIGTERM or SIGHUP: stop the runs, as Ctrl-C does."""
+class Stop(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: stop the runs as Ctrl-C does. A KeyboardInterrupt, since that is what Ray's waits let
+    through (as a new one: the signal is kept in STOP_SIGNALS for the exit status)."""
+
+
+STOP_SIGNALS: list[int] = []
 
 
 # -- the ranges file ------------------------------------------------------------------------------------------
@@ -465,7 +469,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
 
 
 def raise_stop(signum: int, frame: Any) -> None:
+    STOP_SIGNALS.append(signum)
     raise Stop(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise Stop in the main thread, which stops the runs as Ctrl-C does."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, raise_stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,8 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         where = f"{len(slots)} at a time on CPU, torch threads {slots[0].threads} each"
     print(f"sweep {sweep.exp}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run ({where})")
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, raise_stop)
+    stop_on_signals()
     progress, code = Progress(sweep, runs), 0
     try:
         if todo and args.executor == "ray":
@@ -509,10 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.cpus_per_run or 1)
         elif todo:
             run_local(sweep, todo, slots, progress, base.storage_options)
-    except KeyboardInterrupt:
-        code = 128 + signal.SIGINT
-    except Stop as e:
-        code = 128 + e.args[0]
+    except KeyboardInterrupt:  # Ctrl-C, or Stop
+        code = 128 + (STOP_SIGNALS[-1] if STOP_SIGNALS else signal.SIGINT)
     finally:
         progress.close()
         table, paths = report.write_results(sweep.exp)

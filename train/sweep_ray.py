@@ -22,7 +22,7 @@ import ray
 from ray import tune
 
 from train.report import records_of
-from train.sweep import ROOT, Child, Progress, Run, RunSpec, Sweep, last_line, latest, stop
+from train.sweep import ROOT, Child, Progress, Run, RunSpec, Sweep, last_line, latest, stop, stop_on_signals
 
 TUNE_DIR = ".ray_tune"
 REPORT_S = 1.0  # how often a trial looks for new val records
@@ -101,6 +101,7 @@ def run_ray(sweep: Sweep, runs: list[Run], progress: Progress, storage_options: 
     ray.init(address=address or "local", runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, log_to_driver=False,
              include_dashboard=False, logging_level="ERROR")
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # a failed trial is our FAILED line, not a traceback
+    stop_on_signals()  # again: ray.init installed its own SIGTERM handler, which aborts the driver
     callback = Bookkeeping(sweep, runs, progress)
     try:
         gpus = gpus_per_run if gpus_per_run is not None else int(ray.cluster_resources().get("GPU", 0) > 0)
