@@ -25,7 +25,7 @@ from train.report import records_of
 from train.sweep import ROOT, Child, Progress, Run, RunSpec, Sweep, last_line, latest, stop, stop_on_signals
 
 TUNE_DIR = ".ray_tune"
-REPORT_S = 1.0  # how often a trial looks for new val records
+REPORT_S = 0.5  # how often a trial looks for new val records (and for its end)
 
 
 def trial(config: dict[str, Any], specs: list[RunSpec], threads: int, storage_options: list[ray.ObjectRef]
@@ -114,7 +114,8 @@ def run_ray(sweep: Sweep, runs: list[Run], progress: Progress, storage_options: 
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpus_per_run, "gpu": gpus}),
             param_space={"run": tune.grid_search(list(range(len(runs))))},
-            tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: runs[t.config["run"]].folder),
+            tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: runs[t.config["run"]].folder,
+                                        reuse_actors=True),  # a new trial in the last one's worker: no start
             run_config=tune.RunConfig(name="sweep", storage_path=os.path.abspath(os.path.join(sweep.exp, TUNE_DIR)),
                                       verbose=0, callbacks=[callback], failure_config=tune.FailureConfig(0)),
         )
