@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from train.tracking import open_tracker
+
 METRICS, TEXT_LOG, CURVES = "metrics.jsonl", "training_log.txt", "curves.png"
 
 
@@ -32,8 +34,6 @@ class RunLog:
         self._append(METRICS, json.dumps(record) + "\n")
         if self.enabled and self.tracker_name != "none":
             if self.tracker is None:
-                from train.tracking import open_tracker
-
                 self.tracker = open_tracker(self.tracker_name, self.folder, first_step=record["step"])
             self.tracker.log(record)
 

@@ -20,27 +20,25 @@ train/sweep_ray.py). At the end the experiment's results table and plots are wri
 from __future__ import annotations
 
 import argparse
-import ctypes
 import fcntl
 import itertools
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 from shards.storage import write_local_atomic
 from train import report, tracking
 from train.config import Config, ConfigError, check_keys, load_config, parse_overrides, read_json_object
-from train.runlog import TEXT_LOG
+from train.launch import STOP_SIGNALS, Child, Events, RunSpec, last_line, stop, stop_on_signals
+from train.sweep_ray import run_ray
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # runs import this copy of `train`
 COMBOS = "combos"
 # Keys that place the sweep, or would put credentials into folder names: set them in the base config.
 NOT_SWEPT = ("exp_name", "save_root", "storage_options")
@@ -48,14 +46,6 @@ UNSAFE = re.compile(r"[\s\[\](){}'\",/\\]")  # what the original removed from va
 POLL_S = 0.2
 VALUED = ("--executor", "--devices", "--runs_per_device", "--gpus_per_run", "--cpus_per_run", "--address")
 FLAGS = ("--dry_run", "-h", "--help")
-
-
-class Stop(KeyboardInterrupt):
-    """SIGTERM or SIGHUP: stop the runs as Ctrl-C does. A KeyboardInterrupt, since that is what Ray's waits let
-    through (as a new one: the signal is kept in STOP_SIGNALS for the exit status)."""
-
-
-STOP_SIGNALS: list[int] = []
 
 
 # -- the ranges file ------------------------------------------------------------------------------------------
@@ -137,7 +127,7 @@ class Sweep:
     gpus_per_run: int
 
     def config(self, run: Run) -> dict[str, Any]:
-        """The run's full config. storage_options travel on the command line only (see Child)."""
+        """The run's full config. storage_options travel on its command line only (train/launch.py)."""
         cfg = {**self.base.to_dict(), **run.values, "storage_options": None}
         if self.gpus_per_run > 1 and not cfg["model_parallel"]:
             cfg["multi_gpu"] = True  # DDP over the run's GPUs; model_parallel shards one model over them instead
@@ -211,131 +201,28 @@ def lock(exp: str) -> TextIO:
     return f
 
 
-# -- one run's process ----------------------------------------------------------------------------------------
-
-@dataclass
-class RunSpec:
-    """What any machine needs to start or resume one run (no credentials: it may travel to Ray workers)."""
-    folder: str  # absolute
-    config: dict[str, Any]
-    cwd: str  # where the sweep started: relative paths in the config mean the same for every run
-
-
-def latest(folder: str) -> str | None:
-    """The checkpoint a resume starts from (the run's `latest` pointer), None when it has none."""
-    pointer = os.path.join(folder, "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        return f.read().strip()
-
-
-# Looked up once here: a forked child of a threaded process (a Ray worker) must not load libraries.
-PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-
-
-def die_with_parent() -> None:
-    """Runs in the child before exec (Linux): SIGTERM when the thread that started it dies, so a sweep killed
-    alone (kill -9 PID), or a Ray worker that goes away, leaves no training behind."""
-    PRCTL(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
-
-
-def last_line(folder: str) -> str:
-    """The last line of the run's log that says something: a traceback's exception, `error: ...`, or the line
-    the sweep added when a signal killed it."""
-    path = os.path.join(folder, TEXT_LOG)
-    if not os.path.exists(path):
-        return ""
-    with open(path, "rb") as f:
-        f.seek(max(os.path.getsize(path) - 16384, 0))
-        lines = f.read().decode(errors="replace").splitlines()
-    return next((ln.strip() for ln in reversed(lines) if any(c.isalnum() for c in ln)), "")
-
-
-class Child:
-    """One `python -m train` process: a resume when the folder has a checkpoint, else a fresh start in it (an
-    attempt that died before its first checkpoint is cleared). Its stdout repeats training_log.txt and is
-    dropped; its stderr (warnings, tracebacks) is appended to training_log.txt, so nothing reaches the terminal.
-    storage_options go on the command line, as `python -m train --resume` wants them, never into a file."""
-
-    def __init__(self, spec: RunSpec, threads: int, gpus: str, storage_options: dict | None):
-        self.folder, self.stopping, self.started = spec.folder, False, time.time()
-        self.resumed_from, self.config_file = latest(spec.folder), None
-        if self.resumed_from:
-            args = ["--resume", spec.folder]
-        else:
-            shutil.rmtree(spec.folder, ignore_errors=True)
-            os.makedirs(spec.folder)
-            fd, self.config_file = tempfile.mkstemp(prefix="sweep-run-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(spec.config, f)
-            args = [self.config_file, "--save_folder", spec.folder]
-        if storage_options:
-            args += ["--storage_options", json.dumps(storage_options)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": gpus}
-        with open(os.path.join(spec.folder, TEXT_LOG), "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=spec.cwd, env=env,
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                         preexec_fn=die_with_parent if PRCTL else None)
-
-    def poll(self) -> int | None:
-        rc = self.proc.poll()
-        if rc is not None:
-            self.cleanup()
-            if rc < 0 and not self.stopping:  # no traceback: say what happened where the error line is read
-                with open(os.path.join(self.folder, TEXT_LOG), "a") as f:
-                    reason = " (out of memory?)" if rc == -signal.SIGKILL else ""
-                    f.write(f"sweep: python -m train was killed by {signal.Signals(-rc).name}{reason}\n")
-        return rc
-
-    def seconds(self) -> float:
-        return time.time() - self.started
-
-    def cleanup(self) -> None:
-        if self.config_file and os.path.exists(self.config_file):
-            os.remove(self.config_file)
-
-
-def stop(children: list[Child], grace: float = 10.0) -> None:
-    """SIGTERM every child (a multi-GPU run's launcher passes it to its ranks), SIGKILL what is left after
-    `grace` seconds. Checkpoints are written atomically, so each run resumes from its last one."""
-    for c in children:
-        c.stopping = True
-        if c.proc.poll() is None:
-            c.proc.terminate()
-    deadline = time.time() + grace
-    for c in children:
-        try:
-            c.proc.wait(max(deadline - time.time(), 0.1))
-        except subprocess.TimeoutExpired:
-            c.proc.kill()
-            c.proc.wait()
-        c.cleanup()
-
-
 # -- progress: sweep.json and the terminal --------------------------------------------------------------------
 
 class Progress:
-    """Every start and end of a run goes to sweep.json (atomically) and to the terminal as one line, under one
-    bar of runs done (with an ETA)."""
+    """The sweep's side of `Events`: each start and end of a run goes to sweep.json (atomically) and to the
+    terminal as one line, under one bar of runs done with an ETA. `todo` are the runs the executor got, in the
+    order of its specs."""
 
-    def __init__(self, sweep: Sweep, runs: list[Run]):
-        from tqdm import tqdm
+    def __init__(self, sweep: Sweep, runs: list[Run], todo: list[Run]):
+        self.sweep, self.todo = sweep, todo
+        self.started_at: dict[int, float] = {}
+        self.bar = tqdm(total=len(runs), initial=len(runs) - len(todo), unit="run", desc=os.path.basename(sweep.exp),
+                        dynamic_ncols=True, file=sys.stderr, disable=None)  # None: no bar when not a terminal
 
-        self.sweep = sweep
-        self.bar = tqdm(total=len(runs), initial=sum(r.status == "done" for r in runs), unit="run",
-                        desc=os.path.basename(sweep.exp), dynamic_ncols=True, file=sys.stderr,
-                        disable=None)  # None: no bar when stderr is not a terminal
-
-    def started(self, run: Run, resumed_from: str | None) -> None:
+    def started(self, i: int, resumed_from: str | None) -> None:
+        run = self.todo[i]
         run.status, run.error = "running", None
         self.sweep.save()
         self.bar.write(f"start  {run.folder}" + (f" (resumes from {resumed_from})" if resumed_from else ""),
                        file=sys.stdout)
 
-    def finished(self, run: Run, ok: bool, seconds: float, error: str | None = None) -> None:
-        folder = os.path.join(self.sweep.exp, run.folder)
+    def finished(self, i: int, ok: bool, seconds: float, error: str | None = None) -> None:
+        run, folder = self.todo[i], os.path.join(self.sweep.exp, self.todo[i].folder)
         run.seconds += seconds
         run.status, run.error = ("done", None) if ok else ("failed", error or last_line(folder) or "no error line")
         self.sweep.save()
@@ -348,10 +235,13 @@ class Progress:
         else:
             self.bar.write(f"FAILED {run.folder}: {run.error}", file=sys.stdout)
 
-    def stopped(self, run: Run, seconds: float) -> None:
-        run.status = "stopped"
-        run.seconds += seconds
+    def stopped(self, i: int, seconds: float) -> None:
+        self.todo[i].status = "stopped"
+        self.todo[i].seconds += seconds
         self.sweep.save()
+
+    def placed(self, i: int, node: str) -> None:
+        self.todo[i].node = node
 
     def close(self) -> None:
         self.bar.close()
@@ -389,28 +279,26 @@ def local_slots(devices: str | None, runs_per_device: int, gpus_per_run: int | N
     return [Slot(group, max(1, cores // n)) for _ in range(runs_per_device) for group in groups]
 
 
-def run_local(sweep: Sweep, runs: list[Run], slots: list[Slot], progress: Progress,
-              storage_options: dict | None) -> None:
-    """A pool of `python -m train` subprocesses, one per free slot, in the runs' order."""
-    queue, live = list(runs), {}  # slot index -> (run, child)
+def run_local(specs: list[RunSpec], slots: list[Slot], events: Events, storage_options: dict | None) -> None:
+    """A pool of `python -m train` subprocesses, one per free slot, in the specs' order."""
+    queue, live = list(range(len(specs))), {}  # slot index -> (spec index, child)
     try:
         while queue or live:
-            for i, slot in enumerate(slots):
-                if i not in live and queue:
-                    run = queue.pop(0)
-                    spec = RunSpec(os.path.abspath(os.path.join(sweep.exp, run.folder)), sweep.config(run), os.getcwd())
-                    live[i] = run, Child(spec, slot.threads, slot.gpus, storage_options)
-                    progress.started(run, live[i][1].resumed_from)
-            for i, (run, child) in list(live.items()):
+            for s, slot in enumerate(slots):
+                if s not in live and queue:
+                    i = queue.pop(0)
+                    live[s] = i, Child(specs[i], slot.threads, slot.gpus, storage_options)
+                    events.started(i, live[s][1].resumed_from)
+            for s, (i, child) in list(live.items()):
                 rc = child.poll()
                 if rc is not None:
-                    del live[i]
-                    progress.finished(run, rc == 0, child.seconds())
+                    del live[s]
+                    events.finished(i, rc == 0, child.seconds())
             time.sleep(POLL_S)
     finally:
         stop([child for _, child in live.values()])
-        for run, child in live.values():
-            progress.stopped(run, child.seconds())
+        for i, child in live.values():
+            events.stopped(i, child.seconds())
 
 
 # -- the command line -----------------------------------------------------------------------------------------
@@ -468,17 +356,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     return args, parse_overrides(theirs)
 
 
-def raise_stop(signum: int, frame: Any) -> None:
-    STOP_SIGNALS.append(signum)
-    raise Stop(signum)
-
-
-def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP raise Stop in the main thread, which stops the runs as Ctrl-C does."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, raise_stop)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -510,15 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{len(slots)} at a time on CPU, torch threads {slots[0].threads} each"
     print(f"sweep {sweep.exp}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run ({where})")
     stop_on_signals()
-    progress, code = Progress(sweep, runs), 0
+    specs = [RunSpec(os.path.abspath(os.path.join(sweep.exp, r.folder)), sweep.config(r), os.getcwd()) for r in todo]
+    progress, code = Progress(sweep, runs, todo), 0
     try:
         if todo and args.executor == "ray":
-            from train.sweep_ray import run_ray
-
-            run_ray(sweep, todo, progress, base.storage_options, args.address, args.gpus_per_run,
+            run_ray(specs, progress, sweep.exp, base.storage_options, args.address, args.gpus_per_run,
                     args.cpus_per_run or 1)
         elif todo:
-            run_local(sweep, todo, slots, progress, base.storage_options)
+            run_local(specs, slots, progress, base.storage_options)
     except KeyboardInterrupt:  # Ctrl-C, or Stop
         code = 128 + (STOP_SIGNALS[-1] if STOP_SIGNALS else signal.SIGINT)
     finally:
