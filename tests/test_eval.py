@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from tests import synthetic
-from train.blotch import BlotchSpec
-from train.eval import final_answer, free_running_record, free_running_sums, n_steps
+from train.blotch import BlotchSpec, prompt
+from train.generate import greedy
+from train.scoring import final_answer, n_steps, record, score
 
 C, S = 16, 32
 SPEC = BlotchSpec(cmp_len=C, pad_id=synthetic.PAD, eos_id=synthetic.EOS, layout="padded",
@@ -41,6 +42,12 @@ class Scripted(nn.Module):
         return logits, step + 1
 
 
+def scored(model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
+    """Decode greedily from the cmp parts, as validation does, and score against the windows."""
+    gen = greedy(model, *prompt(ids, SPEC, 0), S, EOS, synthetic.PAD)
+    return record(score(gen, ids, SPEC, True), True)
+
+
 def solutions(ids: torch.Tensor) -> list[list[int]]:
     out = []
     for row in ids[:, C:].tolist():
@@ -51,18 +58,18 @@ def solutions(ids: torch.Tensor) -> list[list[int]]:
 def test_perfect_and_shortcut_models():
     ids = torch.from_numpy(synthetic.arithmetic_rows(8, C, S, seed=2).astype("int64"))
     refs = solutions(ids)
-    perfect = free_running_record(free_running_sums(Scripted(refs), ids, SPEC, S, True), True)
+    perfect = scored(Scripted(refs), ids)
     ref_steps = sum(n_steps(r, SEPS, EOS) for r in refs) / len(refs)
     assert perfect == {"gen_acc": 1.0, "answer_acc": 1.0, "gen_steps": ref_steps, "ref_steps": ref_steps}
     assert ref_steps > 1.5
     # the Chain-of-Shortcuts ideal: straight to the answer, every answer right, one step each
     shortcut = [list(final_answer(r, SEPS, EOS)) + [EOS] for r in refs]
-    rec = free_running_record(free_running_sums(Scripted(shortcut), ids, SPEC, S, True), True)
+    rec = scored(Scripted(shortcut), ids)
     assert rec["answer_acc"] == 1.0 and rec["gen_steps"] == 1.0 and rec["gen_acc"] < 0.5
     # one wrong digit in the first row's answer costs exactly that row
     wrong = [list(r) for r in refs]
     wrong[0][-2] = synthetic.CHARS["0"] if wrong[0][-2] != synthetic.CHARS["0"] else synthetic.CHARS["1"]
-    rec = free_running_record(free_running_sums(Scripted(wrong), ids, SPEC, S, True), True)
+    rec = scored(Scripted(wrong), ids)
     assert rec["answer_acc"] == 7 / 8
     n_tokens = sum(len(r) for r in refs)
     assert rec["gen_acc"] == (n_tokens - 1) / n_tokens

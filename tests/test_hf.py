@@ -11,7 +11,7 @@ import torch
 from train import checkpoint
 from train.config import Config, ConfigError
 from train.generate import greedy
-from train.model import build_model
+from train.build import build_model
 from train.runlog import read_metrics
 
 LLAMA = {"model_type": "hf", "hf_model": "llama",
@@ -106,7 +106,7 @@ def test_pretrained_from_a_local_folder_resizes_vocab(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"hf_config": {"n_layers": 2}}, "config key 'hf_config': GPT2Config has no attribute 'n_layers'"),
     ({"hf_config": {"vocab_size": 50257}}, "config key 'hf_config': vocab_size comes from the dataset"),
-    ({"hf_config": {"n_positions": 8}}, "config key 'hf_config': gpt2 has 8 positions, fewer than the window 20"),
+    ({"hf_config": {"n_positions": 8}}, "config key 'hf_config': gpt2 has 8 positions, fewer than the 20 tokens of a row"),
     ({"hf_model": "/nonexistent/model.gguf"}, "config key 'hf_model': /nonexistent/model.gguf not found"),
 ])
 def test_hf_config_errors(overrides, message):
@@ -140,7 +140,7 @@ def test_device_map_spill_refuses_training_but_evaluation_shards_a_loaded_model(
     """model_parallel with a memory cap too small for the model: training refuses the map (offloaded weights
     could not be updated); `python -m train.eval` builds the model on the CPU, loads the checkpoint, then shards
     it with layers offloaded to disk, and the outputs do not change."""
-    from train.parallel import shard_loaded
+    from train.parallel import place
 
     kind = {**LLAMA, "hf_config": {**LLAMA["hf_config"], "num_hidden_layers": 4}, "model_parallel": True}
     whole = hf(kind)  # no cap: every layer on the CPU
@@ -154,7 +154,7 @@ def test_device_map_spill_refuses_training_but_evaluation_shards_a_loaded_model(
     other = build_model(Config(**{**kind, "model_parallel": False}), V, W).eval()
     assert not torch.allclose(other(*args), whole(*args))
     other.load_state_dict(whole.state_dict())
-    sharded = shard_loaded(other, Config(**kind, max_memory=cap))
+    sharded = place(other, Config(**kind, max_memory=cap))
     assert "disk" in sharded.model.hf_device_map.values()
     torch.testing.assert_close(sharded(*args), whole(*args))
 
@@ -235,7 +235,7 @@ def test_resume_is_exact_with_dropout(arith, tmp_path):
     kw = dict(GPT2, blotch_p=0.3, lr_schedule="constant", n_train_loops=3)
     _, full = run(arith, tmp_path, exp_name="full", **{**kw, "n_epochs": 2})
     folder, _ = run(arith, tmp_path, exp_name="cut", **kw)
-    from train.__main__ import resume_config
+    from train.config import resume_config
 
     cfg = resume_config(folder, {"n_epochs": 2})
     train(cfg, folder, checkpoint.load(folder))

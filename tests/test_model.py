@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from train.blotch import IGNORE
 from train.config import Config
 from train.loss import token_loss
-from train.model import build_model
+from train.build import build_model
 
 V, W = 17, 12
 

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from train.config import Config
-from train.model import build_model
+from train.build import build_model
 from train.optim import Schedule, build_optimizer
 
 

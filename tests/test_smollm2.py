@@ -15,7 +15,7 @@ import torch
 
 from train.config import Config
 from train.generate import greedy
-from train.model import build_model
+from train.build import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

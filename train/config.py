@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import operator
+import os
 import sys
 import types
 import typing
@@ -254,6 +255,26 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Co
         check_keys(d, path)
     check_keys(overrides or {}, "command line")
     return Config(**{**d, **(overrides or {})})
+
+
+# What may change when resuming: where and how data is read, and how long to train. Anything else would make the
+# resumed run a different experiment.
+RESUME_KEYS = {"storage_options", "cache_dir", "cache_limit", "n_workers", "device", "n_epochs"}
+
+
+def resume_config(folder: str, overrides: dict[str, Any]) -> Config:
+    """A run folder's config (its hyperparams.json) with the overrides a resume allows."""
+    path = os.path.join(folder, "hyperparams.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} not found: not a run folder")
+    with open(path) as f:
+        saved = json.load(f)
+    saved.pop("world_size")
+    saved["storage_options"] = None  # never saved (credentials); from the command line or the environment
+    changed = sorted(set(overrides) - RESUME_KEYS)
+    if changed:
+        raise ConfigError(f"--resume: cannot change {changed}; only {sorted(RESUME_KEYS)}")
+    return Config(**{**saved, **overrides})
 
 
 def markdown_table() -> str:

@@ -111,6 +111,12 @@ class Source:
     url: str
     spec: BlotchSpec
 
+    @property
+    def has_answers(self) -> bool:
+        """Whether each window holds one problem and its worked solution ending in a final answer (padded
+        windows); packed text has no final answer to score."""
+        return self.manifest.layout == "padded"
+
 
 def open_source(cfg: Config, splits: Iterable[str]) -> Source:
     """Fetch the manifest, resolve the config against it, and check that the dataset has `splits`."""
@@ -141,12 +147,12 @@ def eval_loader(src: Source, split: str, rank: int, world: int) -> StreamingData
 
 
 @dataclass
-class Data(Source):
+class Data:
+    """A run's dataset and this rank's loaders of its splits."""
+    source: Source
     train: StreamingDataLoader
     val: StreamingDataLoader
 
 
 def open_data(src: Source, rank: int, world: int) -> Data:
-    """This rank's loaders of a run's splits."""
-    train = loader(src, "train", "batch_size", True, rank, world)
-    return Data(src.cfg, src.manifest, src.url, src.spec, train, eval_loader(src, "val", rank, world))
+    return Data(src, loader(src, "train", "batch_size", True, rank, world), eval_loader(src, "val", rank, world))

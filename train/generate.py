@@ -3,14 +3,14 @@
 Every prompt row ends with a real token (padding may come before or inside it, e.g. the padded layout's
 left-padded cmp part after a blotch-level token), so each row's next token is in the last column and one
 batched call per step decodes all rows. Positions follow the training convention: the rank among
-real tokens (`pad_pos_skip`), or the window column.
+real tokens (`pad_pos_skip`), or the window column (blotch.position_ids).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from train.blotch import rank_positions
+from train.blotch import position_ids
 
 
 @torch.no_grad()
@@ -22,12 +22,8 @@ def greedy(model: nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor, n_
     Positions are the window's (what the model was trained on); a compressor decodes at its own instead.
     """
     B, P = prompt.shape
-    if pad_pos_skip:
-        positions = rank_positions(prompt_mask)
-        next_pos = prompt_mask.long().sum(1)
-    else:
-        positions = torch.arange(P, device=prompt.device).expand(B, P)
-        next_pos = torch.full((B,), P, device=prompt.device)
+    positions = position_ids(prompt_mask, torch.arange(P, device=prompt.device).expand(B, P), pad_pos_skip)
+    next_pos = positions[:, -1] + 1  # the row's last token is a real one
     logits, cache = model.decode(prompt, positions, prompt_mask)
     mask = prompt_mask
     out = []

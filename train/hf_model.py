@@ -4,6 +4,7 @@ Blotching excises tokens, so the positions come in explicitly: the HF model gets
 kept-token mask as its `attention_mask`, and attends with its own implementation (SDPA by default, flash
 attention where the model and hardware offer it). The vocabulary is the dataset's, not the checkpoint's: the
 shards hold the dataset tokenizer's ids, so a model with another embedding size is resized (with a warning).
+`transformers` is imported when a model is built, not with the package: a from-scratch run never pays for it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.blotch import Blotched
 from train.config import Config, ConfigError
 
 
@@ -64,19 +66,18 @@ def n_positions(config) -> int | None:
     return None
 
 
-def load_causal_lm(cfg: Config, vocab_size: int, window: int, device_map: dict | str | None = None,
-                   max_memory: dict | None = None) -> nn.Module:
-    """The transformers model: pretrained weights or a fresh init from its config, on the dataset's vocabulary."""
+def load_causal_lm(cfg: Config, vocab_size: int, max_len: int, weights: bool = True, **load: Any) -> nn.Module:
+    """The transformers model on the dataset's vocabulary: pretrained weights (when `pretrained` and `weights`;
+    a checkpoint's are loaded later otherwise) or a fresh init from its config.
+
+    `max_len` is the longest row the model will read; `load` goes to `from_pretrained` (parallel.load_kwargs:
+    a device map that puts each layer straight onto its device)."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.pretrained:
+    if cfg.pretrained and weights:
         path, extra = _source(cfg.hf_model)
-        if device_map is not None:
-            import tempfile
-
-            extra.update(device_map=device_map, max_memory=max_memory,
-                         offload_folder=tempfile.mkdtemp(prefix="offload-"))
-        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config(cfg, None), dtype=torch.float32, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config(cfg, None), dtype=torch.float32,
+                                                     **extra, **load)
         rows = model.get_input_embeddings().num_embeddings
         if rows != vocab_size:
             warnings.warn(f"hf_model {cfg.hf_model}: {rows} embedding rows resized to the run's vocabulary of "
@@ -86,9 +87,9 @@ def load_causal_lm(cfg: Config, vocab_size: int, window: int, device_map: dict |
     else:
         model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size), dtype=torch.float32)
     limit = n_positions(model.config)
-    if limit is not None and window > limit:
-        raise ConfigError(f"config key 'hf_config': {cfg.hf_model} has {limit} positions, fewer than the window "
-                          f"{window}")
+    if limit is not None and max_len > limit:
+        raise ConfigError(f"config key 'hf_config': {cfg.hf_model} has {limit} positions, fewer than the "
+                          f"{max_len} tokens of a row")
     return model
 
 
@@ -102,6 +103,15 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.model = model
         self._cache_kw = cache_kwarg(model)
+
+    @property
+    def lm(self) -> nn.Module:
+        """The transformers model: what model_parallel spreads over the devices."""
+        return self.model
+
+    def view(self, v: Blotched) -> Blotched:
+        """The blotched batch as this model reads it: as it is."""
+        return v
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -124,15 +134,3 @@ class HFCausalLM(nn.Module):
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask.long(), use_cache=True,
                          **{self._cache_kw: cache})
         return out.logits, cache
-
-
-def load_base(cfg: Config, vocab_size: int, window: int) -> nn.Module:
-    """The transformers model as the config asks: on one device, or sharded by device_map (model_parallel) for
-    training. Evaluation builds it unsharded and shards it after loading a checkpoint (parallel.shard_loaded)."""
-    if not cfg.model_parallel:
-        return load_causal_lm(cfg, vocab_size, window)
-    from train import parallel
-
-    model = parallel.load_sharded(cfg, vocab_size, window)
-    parallel.check_trainable(model)
-    return model

@@ -74,6 +74,13 @@ def plot_curves(folder: str) -> str | None:
     return path
 
 
+def describe(rec: dict[str, Any]) -> str:
+    """The free-running part of a val record as one log line ('' when there is none)."""
+    keys = [k for k in ("gen_acc", "answer_acc", "gen_steps", "ref_steps") if k in rec]
+    keys += sorted(k for k in rec if k.endswith(("ctx_loss", "ctx_acc")))
+    return ", ".join(f"{k} {rec[k]:.4f}" for k in keys)
+
+
 def decode(tokenizer, ids: list[int]) -> str:
     """Text with the dataset's tokenizer, or the ids themselves when the dataset has none."""
     return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))

@@ -1,4 +1,4 @@
-"""The from-scratch model: a pre-LN causal transformer over blotched (excised) windows.
+"""model_type "transformer": the from-scratch pre-LN causal transformer over blotched (excised) windows.
 
 Positions come in explicitly (`position_ids`) because blotching removes tokens: with `pad_pos_skip` a kept
 token's position is its rank among kept tokens, otherwise its original column. The attention mask is causal
@@ -105,6 +105,10 @@ class Transformer(nn.Module):
         """(B, T) ids, positions and key mask (True = a real token) -> (B, T, vocab) logits."""
         return self._run(input_ids, position_ids, mask, None)
 
+    def view(self, v: Blotched) -> Blotched:
+        """The blotched batch as this model reads it: as it is."""
+        return v
+
     def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                cache: list[list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """Incremental decoding: logits of the new tokens given the cache; `mask` covers past and new keys."""
@@ -131,21 +135,8 @@ class Transformer(nn.Module):
         return self.head(self.ln_f(x)) * self.logit_scale
 
 
-def build_model(cfg: Config, vocab_size: int, window: int) -> nn.Module:
-    """The model a config describes; `window` (cmp_len + seq_len) sizes the default position table.
-
-    Every model maps (input_ids, position_ids, mask) to logits and has `decode` for cached generation. The
-    vocabulary is the dataset's plus the blotch-intensity tokens.
-    """
-    vocab_size += cfg.n_btokens if cfg.blotch_tokens else 0
-    if cfg.model_type == "hf":
-        from train.hf_model import HFCausalLM, load_base
-
-        return HFCausalLM(load_base(cfg, vocab_size, window))
-    if cfg.model_type == "compressor":
-        from train.compressor import Compressor
-
-        return Compressor(cfg, vocab_size, window)
+def build(cfg: Config, vocab_size: int, window: int) -> Transformer:
+    """The transformer a config describes; `window` (cmp_len + seq_len) sizes the default position table."""
     n_pos = cfg.max_posencs or 3 * window
     posenc = PositionalEncoding(
         n_pos, cfg.d_model, cfg.drop_p if cfg.posenc_drop_p is None else cfg.posenc_drop_p,
@@ -153,11 +144,3 @@ def build_model(cfg: Config, vocab_size: int, window: int) -> nn.Module:
     )
     return Transformer(vocab_size, cfg.d_model, cfg.n_heads, cfg.h_mult, cfg.n_layers, cfg.drop_p, posenc,
                        cfg.tie_weights)
-
-
-def model_view(model: nn.Module, v: Blotched) -> Blotched:
-    """The batch as the model reads it: a compressor separates the compressed part from the continuation (see
-    train/compressor.py); the other models take the blotched batch as it is."""
-    from train.compressor import Compressor
-
-    return model.view(v) if isinstance(model, Compressor) else v
