@@ -60,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n_val", type=int, help="val problems, never in train (default 1000)")
     g.add_argument("--min_ents", type=int, help="fewest operands (default 2)")
     g.add_argument("--max_ents", type=int, help="most operands (default 3)")
+    g.add_argument("--p_more_ents", type=float,
+                   help="each operand beyond min_ents with this probability (default: a uniform count)")
     g.add_argument("--max_num", type=int, help="operands are drawn from [0, max_num) (default 1000)")
     g.add_argument("--p_mult", type=float, help="probability that an operand is a product (default 0)")
     g.add_argument("--max_mult_num", type=int, help="right factors are drawn from [0, max_mult_num) (default 10)")
+    g.add_argument("--max_mult_left", type=int, help="left factors are drawn from [0, max_mult_left) (default max_num)")
     return p
 
 
@@ -120,7 +123,9 @@ def make_job(o: dict[str, Any]) -> Job:
     if dataset == "arithmetic":
         fields = ArithmeticParams.__dataclass_fields__
         ap = ArithmeticParams(**{k: o[k] for k in fields if o.get(k) is not None})
-        if ap.min_ents < 1 or ap.max_ents < ap.min_ents or ap.max_num < 1 or not 0 <= ap.p_mult <= 1:
+        if (ap.min_ents < 1 or ap.max_ents < ap.min_ents or ap.max_num < 1 or not 0 <= ap.p_mult <= 1
+                or ap.max_mult_num < 1 or (ap.max_mult_left is not None and ap.max_mult_left < 1)
+                or (ap.p_more_ents is not None and not 0 <= ap.p_more_ents <= 1)):
             raise ValueError(f"arithmetic parameters out of range: {ap}")
         source = arithmetic_source(ap, o["seed"])
         extra["arithmetic"] = {k: getattr(ap, k) for k in fields}

@@ -313,7 +313,7 @@ class Run:
             layout="packed" if job.source.kind == "text" and job.pack else "padded",
             columns=dict(job.source.columns),
             tokenizer={"name": job.tokenizer_name, "sha256": self.tok_sha, "path": TOKENIZER_DIR},
-            params=self.params, splits=splits, package_version=package_version(),
+            params=self.params, splits=splits, package_version=package_version(), answers=job.source.answers,
         )
 
     def _summary(self, m: Manifest, seconds: float) -> None:

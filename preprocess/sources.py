@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from preprocess.arithmetic import ArithmeticParams, generate
+from shards.storage import first_line
 
 OPENWEBTEXT_HUB = "Skylion007/openwebtext"  # the Parquet-backed id current `datasets` loads (no script)
 GLUE_HUB = "nyu-mll/glue"
@@ -40,6 +41,7 @@ class Source:
     total: int | None  # documents, when known, for the progress bar
     columns: dict[str, str]
     description: dict[str, Any]  # what identifies the input, recorded in the manifest's params
+    answers: bool = False  # each document is a problem whose second part ends in its final answer
 
     def __iter__(self) -> Iterator[Doc]:
         return self.docs()
@@ -57,12 +59,6 @@ def expand_data_files(patterns: list[str], storage_options: dict | None) -> list
             raise SourceError(f"--data_files {pattern!r} matches no file")
         files += [fs.unstrip_protocol(m) if "://" in pattern else m for m in matched]
     return files
-
-
-def first_line(e: Exception, limit: int = 300) -> str:
-    """An exception as the one line our errors quote (library messages can run to pages)."""
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def _stream(builder: str, *, what: str, hint: str, **kwargs) -> Iterator[dict]:
@@ -151,4 +147,4 @@ def arithmetic_source(params: ArithmeticParams, seed: int) -> Source:
         for split, problem, solution in generate(params, seed):
             yield Doc(split=split, text=problem + "=", second=solution)
 
-    return Source("pair", docs, params.n_train + params.n_val, {}, {"generator": "arithmetic"})
+    return Source("pair", docs, params.n_train + params.n_val, {}, {"generator": "arithmetic"}, answers=True)

@@ -105,7 +105,7 @@ def write_dataset(
         pad_id=0, eos_id=synthetic.EOS if arith else 1, separator_ids=[synthetic.SEP],
         layout="padded" if arith else "packed", columns={"label": "int64"} if with_label else {},
         tokenizer={"name": "none", "sha256": "", "path": "tokenizer"}, params={}, splits=splits,
-        package_version="test",
+        package_version="test", answers=arith,
     )
     save_manifest(fs, root, m)
 

@@ -8,7 +8,7 @@ from tests import synthetic
 from train.blotch import IGNORE, BlotchSpec, blotch
 from train.compressor import Compressor, layer_index
 from train.config import Config, ConfigError
-from train.generate import greedy
+from train.generate import generate
 from train.build import build_model
 
 C, S = 16, 32
@@ -102,7 +102,7 @@ def test_cached_decoding_matches_recomputation():
     m = compressor(proj_cmpr=True).eval()
     ids = windows(3)[:, :C]
     mask = ids != synthetic.PAD
-    out = greedy(m, ids, mask, 5, stop_id=-1, pad_id=0)
+    out = generate(m, ids, mask, 5, stop_id=-1, pad_id=0)
     for b in range(3):
         cmp = [t for t, k in zip(ids[b].tolist(), mask[b].tolist()) if k]
         assert out[b].tolist() == naive_greedy(m, cmp, 5)
@@ -176,7 +176,7 @@ def test_ddp_two_gloo_processes_match_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     procs = []
     for name, extra, launcher in (("one", {"batch_size": 8, "val_batch_size": 8}, []),
-                                  ("two", {"batch_size": 4, "val_batch_size": 4, "multi_gpu": True},
+                                  ("two", {"batch_size": 4, "val_batch_size": 8, "multi_gpu": True},
                                    ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({**common, **extra, "exp_name": name}))

@@ -27,6 +27,14 @@ def test_inverse_sqrt_and_constant():
     assert set(lrs(lr_schedule="constant")[1]) == {1.0}
 
 
+def test_inverse_power_is_the_papers_schedule():
+    """Chain of Shortcuts: 2,500 warmup steps, then 0.0045 * (2500 / step) ** 0.1."""
+    s = Schedule(Config(lr=0.0045, warmup_steps=2500, lr_schedule="inverse_power", lr_decay_exp=0.1), 31000)
+    assert s.lr(1249) == pytest.approx(0.0045 / 2)
+    for step in (2500, 10000, 31000):
+        assert s.lr(step - 1) == pytest.approx(0.0045 * (2500 / step) ** 0.1)
+
+
 def test_plateau_divides_after_patience_and_resumes():
     s, _ = lrs(lr_schedule="plateau", patience=2, min_lr=0.005)
     for loss in (3.0, 2.0, 1.9999, 2.5):  # the last two do not improve by 0.1 %

@@ -12,7 +12,7 @@ import torch
 from torch.distributed.run import main as elastic_launch
 
 from shards import ManifestError, storage
-from train import checkpoint
+from train import build, checkpoint
 from train.config import ConfigError, load_config, parse_overrides, resume_config
 from train.data import SPLITS, open_source
 from train.dist import launched_world
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(argv[0], parse_overrides(argv[1:]))
         source = open_source(cfg, SPLITS)  # a config that disagrees with its data fails before any folder exists
+        build.check(source.cfg, source.manifest.vocab_size, source.manifest.window)
         if cfg.multi_gpu and launched_world() == 1 and "LOCAL_RANK" not in os.environ:
             return relaunch(argv)
         state = checkpoint.load(resume_folder) if resume_folder else None

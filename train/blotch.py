@@ -180,19 +180,20 @@ def choose_segments(n: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec:
 
 
 def blotch(ids: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec, train: bool = True,
-           level: int = 0) -> Blotched:
+           level: int | None = None) -> Blotched:
     """Excise padding (and, in training, blotched segments) from a (B, L) window batch; see the module doc.
 
-    With intensity levels (spec.levels) every row is blotched at its level's rate and led by its level token:
-    a drawn level in training, `level` in evaluation."""
+    Training blotches every row (at blotch_p, or at its drawn level's rate with intensity levels). Evaluation
+    blotches nothing, unless `level` asks for that intensity level's rate. With levels every row is led by its
+    level's token: the drawn one in training, `level` or else the lowest in evaluation."""
     ids = ids.long()
     B, L = ids.shape
     valid = valid_mask(ids, spec)
     p = torch.full((B,), spec.p_threshold, device=ids.device)
     if spec.levels:
-        levels = draw_levels(sample_ids.to(ids.device), epoch, spec) if train else torch.full_like(p, level)
+        levels = draw_levels(sample_ids.to(ids.device), epoch, spec) if train else torch.full_like(p, level or 0)
         p = torch.tensor([round(x * (1 << P_BITS)) for x in spec.levels], device=ids.device)[levels]
-    if spec.levels or (train and spec.blotch_p > 0):
+    if (spec.levels or spec.blotch_p > 0) if train else (level is not None and bool(spec.levels)):
         seg, n = segment_index(ids, valid, spec)
         chosen = choose_segments(n, sample_ids, epoch, spec, p)
         blotched = chosen.gather(1, seg) & valid

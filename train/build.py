@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from train import compressor, hf_model, parallel, transformer
-from train.config import Config
+from train.config import Config, ConfigError
 
 
 def vocab_size(cfg: Config, dataset_vocab: int) -> int:
@@ -22,21 +22,36 @@ def vocab_size(cfg: Config, dataset_vocab: int) -> int:
 
 
 def row_length(cfg: Config, window: int) -> int:
-    """The longest row a model reads: the window, led by a level token with blotch_tokens."""
+    """The longest row a model reads: the window, led by a level token with blotch_tokens, or for a compressor
+    followed by its vectors and a task token."""
+    if cfg.model_type == "compressor":
+        return window + compressor.extra_tokens(cfg)
     return window + (1 if cfg.blotch_tokens else 0)
+
+
+def check(cfg: Config, dataset_vocab: int, window: int) -> None:
+    """What building would refuse, found without building (a run checks it before its folder exists): a row
+    longer than the model's positions."""
+    n = row_length(cfg, window)
+    if cfg.model_type == "transformer":
+        if cfg.max_posencs is not None and cfg.max_posencs < n:
+            raise ConfigError(f"config key 'max_posencs': {cfg.max_posencs} rows, fewer than the {n} tokens of a row")
+        return
+    if cfg.model_type == "compressor":
+        compressor.check(cfg)
+    hf_model.check_positions(cfg, hf_model.hf_config(cfg, vocab_size(cfg, dataset_vocab)), n)
 
 
 def _build(cfg: Config, dataset_vocab: int, window: int, weights: bool, load: dict[str, Any]) -> nn.Module:
     """`weights`: load a pretrained LM's weights (with `load`, parallel.load_kwargs); false when a checkpoint's
     will replace them."""
-    vocab = vocab_size(cfg, dataset_vocab)
+    vocab, n = vocab_size(cfg, dataset_vocab), row_length(cfg, window)
     if cfg.model_type == "transformer":
-        return transformer.build(cfg, vocab, window)
+        return transformer.build(cfg, vocab, window, n)
     if cfg.model_type == "compressor":
         compressor.check(cfg)
-        base = hf_model.load_causal_lm(cfg, vocab, window + compressor.extra_tokens(cfg), weights, **load)
-        return compressor.Compressor(cfg, base)
-    return hf_model.HFCausalLM(hf_model.load_causal_lm(cfg, vocab, row_length(cfg, window), weights, **load))
+        return compressor.Compressor(cfg, hf_model.load_causal_lm(cfg, vocab, n, weights, **load))
+    return hf_model.HFCausalLM(hf_model.load_causal_lm(cfg, vocab, n, weights, **load))
 
 
 def build_model(cfg: Config, dataset_vocab: int, window: int) -> nn.Module:

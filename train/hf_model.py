@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shards.storage import first_line
 from train.blotch import Blotched
 from train.config import Config, ConfigError
 
@@ -38,9 +39,14 @@ def hf_config(cfg: Config, vocab_size: int | None):
     name, overrides = cfg.hf_model, dict(cfg.hf_config or {})
     if "vocab_size" in overrides:
         raise ConfigError("config key 'hf_config': vocab_size comes from the dataset (and blotch tokens); omit it")
-    bare = not os.path.exists(name) and not name.endswith(".gguf") and name in CONFIG_MAPPING
+    # a model type's defaults only when no weights are asked for: pretrained "gpt2" is the Hub's gpt2
+    bare = not cfg.pretrained and not os.path.exists(name) and not name.endswith(".gguf") and name in CONFIG_MAPPING
     path, extra = (name, {}) if bare else _source(name)
-    base = AutoConfig.for_model(name) if bare else AutoConfig.from_pretrained(path, **extra)
+    try:
+        base = AutoConfig.for_model(name) if bare else AutoConfig.from_pretrained(path, **extra)
+    except (OSError, ValueError) as e:  # offline Hub, missing folder, unknown model type
+        raise ConfigError(f"config key 'hf_model': cannot load {name!r} ({first_line(e)}); offline, pass a local "
+                          f"folder or a .gguf file, or pretrained false with a model type (gpt2, llama)") from None
     for key in overrides:
         if not hasattr(base, key):
             raise ConfigError(f"config key 'hf_config': {type(base).__name__} has no attribute {key!r}")
@@ -86,11 +92,16 @@ def load_causal_lm(cfg: Config, vocab_size: int, max_len: int, weights: bool = T
             model.resize_token_embeddings(vocab_size, mean_resizing=False)
     else:
         model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size), dtype=torch.float32)
-    limit = n_positions(model.config)
+    check_positions(cfg, model.config, max_len)
+    return model
+
+
+def check_positions(cfg: Config, config: Any, max_len: int) -> None:
+    limit = n_positions(config)
     if limit is not None and max_len > limit:
         raise ConfigError(f"config key 'hf_config': {cfg.hf_model} has {limit} positions, fewer than the "
-                          f"{max_len} tokens of a row")
-    return model
+                          f"{max_len} tokens of a row" + (" (the window and a blotch-level token)"
+                                                           if cfg.blotch_tokens else ""))
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -117,11 +128,9 @@ class HFCausalLM(nn.Module):
                 ) -> torch.Tensor:
         """(B, T) ids, positions and key mask (True = a real token) -> (B, T, vocab) logits.
 
-        Rows compacted to the left (what blotching makes) get no attention mask: causal attention already keeps
-        every real token from seeing the padding after it, padded positions are never targets, and without a
-        mask SDPA may use its flash kernel. Any other mask (holes, left padding) is applied."""
-        if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
-            mask = None
+        The mask always goes in: without one, transformers reads every jump in the positions (an excised step
+        with pad_pos_skip false, a level token before the window's columns) as the start of another packed
+        sequence and hides everything before it, which decoding (always masked) would not."""
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                           attention_mask=None if mask is None else mask.long()).logits
 

@@ -24,14 +24,16 @@ from tqdm import tqdm
 from shards import storage
 from shards.summary import load_tokenizer as load_dataset_tokenizer
 from train import checkpoint, dist
-from train.blotch import IGNORE, Blotched, blotch
+from train.blotch import IGNORE, Blotched, blotch, prompt
 from train.build import build_model
 from train.config import Config
 from train.data import SPLITS, Data, Source, TrainStream, open_data, open_source, rng_neutral
+from train.generate import generate
 from train.loss import SUMS, step_sums, token_loss, token_means
 from train.optim import Schedule, build_optimizer
 from train.rng import rng_state, seed_everything, set_rng_state
 from train.runlog import RunLog, decode, describe, plot_curves, read_metrics, render_example
+from train.scoring import body, final_answer, n_steps, real_tokens
 from train.validation import validation_pass
 
 N_EXAMPLES = 3
@@ -219,8 +221,8 @@ def end_of_epoch(run: Run, started: float) -> dict[str, Any]:
 
 def validate(run: Run) -> tuple[dict[str, Any], list[str]]:
     """The val record and a few examples, from one pass over val (validation.validation_pass): unblotched
-    teacher-forced loss and accuracy on up to max_val_loops batches, free-running metrics on about
-    gen_val_samples samples split over the ranks, and a compressor's baselines."""
+    teacher-forced loss and accuracy on up to max_val_loops global batches, greedy free-running metrics on the
+    split's first gen_val_samples samples, and a compressor's baselines; the same for any number of ranks."""
     cfg, ctx = run.cfg, run.ctx
     run.data.val.load_state_dict(run.val_start)
     examples: list[str] = []
@@ -229,7 +231,7 @@ def validate(run: Run) -> tuple[dict[str, Any], list[str]]:
         examples.extend(render_examples(run, batch, v, logits))
 
     val = validation_pass(run.model, rng_neutral(run.data.val), run.src, ctx, max_batches=cfg.max_val_loops,
-                          gen_samples=math.ceil(cfg.gen_val_samples / ctx.world), on_first=show if ctx.main else None)
+                          gen_samples=cfg.gen_val_samples, on_first=show if ctx.main else None)
     return {**make_record(run, "val", val.sums, val.seconds), **val.record}, examples
 
 
@@ -293,10 +295,52 @@ def load_tokenizer(run: Run):
 
 
 def summarize(run: Run, last_val: dict[str, Any]) -> None:
-    """The run's last lines: first and last validation, and where the outputs are."""
+    """The run's last lines: answer accuracy first where the data has answers (what a model is for), then the
+    teacher-forced figures, a solved example, and where the outputs are."""
     first = next(r for r in read_metrics(run.folder) if r["split"] == "val")
+    lines = [f"done after {run.progress.step} steps:"]
+    if "answer_acc" in last_val:
+        lines.append(f"  answer accuracy {first['answer_acc']:.4f} -> {last_val['answer_acc']:.4f} (greedy, "
+                     f"{last_val['gen_samples']:.0f} val problems; {last_val['gen_steps']:.2f} steps per solution, "
+                     f"{last_val['ref_steps']:.2f} in the data)")
+    lines.append(f"  val loss {first['loss']:.4f} -> {last_val['loss']:.4f}, token accuracy {first['acc']:.4f} -> "
+                 f"{last_val['acc']:.4f} (teacher-forced)")
+    if run.src.has_answers:
+        lines += solved_example(run)
     plot = os.path.join(run.folder, "curves.png")
-    run.log.text(f"done: val loss {first['loss']:.4f} -> {last_val['loss']:.4f}, acc {first['acc']:.4f} -> "
-                 f"{last_val['acc']:.4f} after {run.progress.step} steps\n  outputs: {run.folder}/ (metrics.jsonl, "
-                 f"training_log.txt, {os.path.basename(checkpoint.latest_path(run.folder))})\n"
-                 f"  plot:    {plot if os.path.exists(plot) else 'none (matplotlib is not installed)'}")
+    lines += [f"  outputs: {run.folder}/ (metrics.jsonl, training_log.txt, "
+              f"{os.path.basename(checkpoint.latest_path(run.folder))})",
+              f"  plot:    {plot if os.path.exists(plot) else 'none (matplotlib is not installed)'}"]
+    run.log.text("\n".join(lines))
+
+
+def solved_example(run: Run, n: int = 32) -> list[str]:
+    """The first of `n` val problems the model solves greedily, decoded as it is and, with intensity levels,
+    at the lowest and the highest level: what asking for a shortcut does to a solution."""
+    spec, c = run.src.spec, run.src.spec.cmp_len
+    run.data.val.load_state_dict(run.val_start)
+    ids = next(iter(rng_neutral(run.data.val)))["input_ids"][:n].to(run.ctx.device)
+    levels = [0, len(spec.levels) - 1] if spec.levels else [0]
+    run.model.eval()
+    with run.ctx.autocast():
+        outs = [generate(run.model, *prompt(ids, spec, level), run.src.manifest.seq_len, spec.eos_id, spec.pad_id,
+                         spec.pad_pos_skip).tolist() for level in levels]
+    run.model.train()
+    seps, eos = set(spec.separator_ids), spec.eos_id
+    refs = real_tokens(ids, spec, slice(c, None))
+
+    def right(out: list[int], b: int) -> bool:
+        want = final_answer(refs[b], seps, eos)
+        return want is not None and final_answer(out, seps, eos) == want
+
+    solved = [b for b in range(len(refs)) if right(outs[0][b], b)]
+    if not solved:
+        return [f"  solved example: none of the first {len(refs)} val problems is solved yet"]
+    b = solved[0]
+    lines = [f"  solved example: {decode(run.tokenizer, real_tokens(ids, spec, slice(None, c))[b])}"]
+    for level, out in zip(levels, outs):
+        name = f"level {spec.levels[level]:.2f}" if spec.levels else "model"
+        lines.append(f"    {name}: {decode(run.tokenizer, body(out[b], eos))}  ({'right' if right(out[b], b) else 'wrong'}, "
+                     f"{n_steps(out[b], seps, eos)} steps)")
+    lines.append(f"    data: {decode(run.tokenizer, body(refs[b], eos))}  ({n_steps(refs[b], seps, eos)} steps)")
+    return lines

@@ -19,7 +19,7 @@ from train import scoring
 from train.blotch import Blotched, blotch, prompt
 from train.data import Source
 from train.dist import Context
-from train.generate import greedy
+from train.generate import generate
 from train.loss import SUMS, TokenLoss, step_sums, token_loss
 
 Batch = dict[str, torch.Tensor]
@@ -34,32 +34,35 @@ class ValPass:
 
 
 def teacher_forced(model: nn.Module, ids: torch.Tensor, sample_ids: torch.Tensor, src: Source, ctx: Context,
-                   level: int) -> tuple[Blotched, torch.Tensor, TokenLoss]:
-    """An unblotched batch as the model reads it (led by `level`'s token with blotch-intensity levels), its
-    logits and its token loss."""
+                   level: int | None) -> tuple[Blotched, torch.Tensor, TokenLoss]:
+    """A batch as the model reads it, its logits and its token loss: unblotched (led by the lowest level's token
+    with blotch-intensity levels), or blotched at `level`'s rate and led by its token."""
     v = model.view(blotch(ids, sample_ids, 0, src.spec, train=False, level=level))
     with ctx.autocast():
         logits = model(v.input_ids, v.position_ids, v.mask)
     return v, logits, token_loss(logits, v.targets.to(logits.device))
 
 
-def free_running_sums(model: nn.Module, ids: torch.Tensor, src: Source, ctx: Context, level: int
-                      ) -> dict[str, float]:
-    """Greedy continuations of a (B, window) batch from its cmp part, scored against the window's continuation."""
+def free_running_sums(model: nn.Module, ids: torch.Tensor, sample_ids: torch.Tensor, src: Source, ctx: Context,
+                      level: int = 0, temperature: float = 0.0, seed: int = 0) -> dict[str, float]:
+    """Continuations of a (B, window) batch from its cmp part (led by `level`'s token with intensity levels),
+    greedy or sampled (generate.generate), scored against the window's continuation (scoring.GEN_SUMS)."""
     spec = src.spec
     tokens, mask = prompt(ids, spec, level)
     with ctx.autocast():
-        gen = greedy(model, tokens, mask, src.manifest.seq_len, spec.eos_id, spec.pad_id, spec.pad_pos_skip)
+        gen = generate(model, tokens, mask, src.manifest.seq_len, spec.eos_id, spec.pad_id, spec.pad_pos_skip,
+                       temperature, sample_ids, seed)
     return scoring.score(gen, ids, spec, src.has_answers)
 
 
 def validation_pass(model: nn.Module, batches: Iterable[Batch], src: Source, ctx: Context, *,
-                    max_batches: int | None, gen_samples: int, level: int = 0,
+                    max_batches: int | None, gen_samples: int, level: int | None = None,
                     on_first: Callable[[Batch, Blotched, torch.Tensor], None] | None = None) -> ValPass:
-    """Teacher-forced sums (and a compressor's baselines) on up to `max_batches` batches and free-running metrics
-    on the first `gen_samples` samples of this rank, summed over the ranks. With blotch-intensity levels, windows
-    are blotched at `level`'s rate and led by its token. `on_first(batch, view, logits)` sees the first batch's
-    teacher-forced output (the loop's examples)."""
+    """Teacher-forced sums (and a compressor's baselines) on up to `max_batches` batches, and greedy free-running
+    metrics on the split's first `gen_samples` samples (by sample id, which is the position in the split's own
+    order, so any number of ranks decodes the same ones), summed over the ranks. Windows are unblotched, or with
+    intensity levels and a `level` blotched at its rate; decoding asks for `level` (default the lowest).
+    `on_first(batch, view, logits)` sees the first batch's teacher-forced output (the loop's examples)."""
     was_training = model.training
     model.eval()
     tf = torch.zeros(len(SUMS), device=ctx.device)
@@ -69,11 +72,12 @@ def validation_pass(model: nn.Module, batches: Iterable[Batch], src: Source, ctx
     start, aside = time.perf_counter(), 0.0
     with torch.no_grad():
         for i, batch in enumerate(batches):
-            if i >= n_tf and gen["rows"] >= gen_samples:
+            sample_ids = batch["sample_id"]
+            if i >= n_tf and int(sample_ids.min()) >= gen_samples:
                 break
             ids = batch["input_ids"].to(ctx.device)
             if i < n_tf:
-                v, logits, out = teacher_forced(model, ids, batch["sample_id"], src, ctx, level)
+                v, logits, out = teacher_forced(model, ids, sample_ids, src, ctx, level)
                 tf += step_sums(out, v)
                 if i == 0 and on_first is not None:
                     on_first(batch, v, logits)
@@ -82,9 +86,9 @@ def validation_pass(model: nn.Module, batches: Iterable[Batch], src: Source, ctx
                 with ctx.autocast():
                     for k, x in model.reference_sums(ids, src.spec).items():
                         extra[k] = extra.get(k, 0.0) + x
-            take = gen_samples - int(gen["rows"])
-            if take > 0:
-                s = free_running_sums(model, ids[:take], src, ctx, level)
+            decode = sample_ids < gen_samples
+            if decode.any():
+                s = free_running_sums(model, ids[decode.to(ids.device)], sample_ids[decode], src, ctx, level or 0)
                 gen = {k: gen[k] + s[k] for k in scoring.GEN_SUMS}
             aside += time.perf_counter() - t
     model.train(was_training)
