@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from preprocess import encode as enc
-from preprocess.sources import Doc, Source
+from preprocess.sources import Doc, Source, first_line
 from preprocess.tokenizer import pad_id, save_tokenizer, separator_ids
 from preprocess.windows import Assembler, Packer, PairAssembler, Truncator
 from shards import ShardInfo, ShardWriter, SplitInfo, storage
@@ -34,6 +34,7 @@ SPLITS = ("train", "val")
 PROGRESS_NAME = "_progress.json"
 WORK_DIR = "_work"  # --executor ray: its intermediate files, removed once the manifest is written
 CHUNK_DOCS = {"text": 256, "pair": 1024}
+UNIT_SIZE = 8 << 20  # --executor ray: input bytes per work unit (units.py)
 
 
 class ParamsMismatch(ValueError):
@@ -64,7 +65,7 @@ class Job:
     extra_params: dict[str, Any]
     executor: str = "local"  # or "ray" (preprocess/ray_executor.py): the same bytes either way
     address: str | None = None  # ray: a running cluster's address; None starts a local Ray instance
-    unit_size: int = 8 << 20  # ray: input bytes per work unit; the output does not depend on it
+    unit_size: int = UNIT_SIZE  # ray: input bytes per work unit; the output does not depend on it
 
 
 def package_version() -> str:
@@ -367,7 +368,12 @@ class Run:
 
 def run(job: Job) -> Manifest | None:
     if job.executor == "ray":  # imported only here: `--executor local` never imports ray
-        from preprocess.ray_executor import RayRun
-
+        try:
+            from preprocess.ray_executor import RayRun
+        except ImportError as e:
+            if (e.name or "").partition(".")[0] != "ray":
+                raise
+            raise ValueError(f"--executor ray needs the ray package ({first_line(e)}): pip install "
+                             "'semantic-blotching[ray]' (make install installs it)") from None
         return RayRun(job).execute()
     return Run(job).execute()
