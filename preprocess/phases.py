@@ -114,6 +114,14 @@ def unit_paths(spec: Spec, index: int) -> tuple[str, str]:
     return spec.work(UNITS_DIR, f"{index:06d}.data"), spec.work(UNITS_DIR, f"{index:06d}.meta")
 
 
+def read_if_there(fs, path: str) -> bytes | None:
+    """One GET whether or not the file exists (an exists() check costs two requests on S3, then the read)."""
+    try:
+        return storage.read_bytes(fs, path)
+    except FileNotFoundError:
+        return None
+
+
 # ---------------------------------------------------------------- phase 1
 
 
@@ -154,8 +162,9 @@ def tokenize_unit(spec: Spec, unit: Unit) -> UnitFacts:
     """Phase 1: tokenize one unit (or find it done) and return its facts."""
     fs, _ = spec.open()
     data_path, meta_path = unit_paths(spec, unit.index)
-    if storage.exists(fs, meta_path):
-        return UnitFacts(unit.index, **load_arrays(storage.read_bytes(fs, meta_path)), skipped=True)
+    meta = read_if_there(fs, meta_path)
+    if meta is not None:
+        return UnitFacts(unit.index, **load_arrays(meta), skipped=True)
     encoder = encoder_for(spec)
     results, splits, labels = [], [], []
     for docs in _batches(read(unit, spec.reader, spec.storage_options), CHUNK_DOCS[spec.kind]):
@@ -254,10 +263,10 @@ def marker_path(spec: Spec, split: str, index: int) -> str:
 def finished_shard(spec: Spec, task: ShardTask) -> ShardInfo | None:
     """The shard's record from an earlier run, if the shard is there with that size and sha256."""
     fs, root = spec.open()
-    marker = marker_path(spec, task.split, task.index)
-    if not storage.exists(fs, marker):
+    marker = read_if_there(fs, marker_path(spec, task.split, task.index))
+    if marker is None:
         return None
-    info = ShardInfo(**json.loads(storage.read_bytes(fs, marker)))
+    info = ShardInfo(**json.loads(marker))
     try:
         check_shard_bytes(info, storage.read_bytes(fs, storage.join(root, info.path)), info.path)
     except (FileNotFoundError, VerifyError):

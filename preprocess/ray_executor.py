@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -84,12 +85,25 @@ def check_shared_storage(places: list[tuple[str, str]], storage_options: dict | 
             )
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on a wrong HOST:PORT: ray.init waits minutes for a cluster that is not there."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():  # ray:// (Ray Client) and "auto": Ray resolves them
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"--address {address}: no Ray cluster answers there ({e})") from None
+
+
 @contextmanager
 def connected(address: str | None) -> Iterator[None]:
     """Join the cluster at `address`, or start a local instance; leave a connection the caller already made."""
     if ray.is_initialized():
         yield
         return
+    if address:
+        check_reachable(address)
     kwargs = {"address": address, "logging_level": logging.WARNING, "log_to_driver": False}
     if not address:  # "local": a new instance even when this machine runs a cluster (ray.init would join it)
         kwargs.update(address="local", include_dashboard=False)

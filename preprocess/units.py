@@ -40,6 +40,7 @@ class Unit:
     split: str | None = None  # glue files: the split of every record
     start: int = 0  # LINES: the lines of urls[0] that start in [start, stop)
     stop: int = 0
+    size: int = 0  # LINES: the file's size
 
 
 def splittable(reader: Reader, url: str) -> bool:
@@ -65,7 +66,7 @@ def plan(files: Sequence[InputFile], reader: Reader, storage_options: dict | Non
         if splittable(reader, f.url) and size > unit_size:
             flush()
             for start in range(0, size, unit_size):
-                units.append(Unit(len(units), LINES, (f.url,), f.split, start, min(start + unit_size, size)))
+                units.append(Unit(len(units), LINES, (f.url,), f.split, start, min(start + unit_size, size), size))
             continue
         if group and f.split != group_split:
             flush()
@@ -89,12 +90,11 @@ def read(unit: Unit, reader: Reader | None, storage_options: dict | None) -> Ite
         yield from _read_staged(unit.urls[0], storage_options)
 
 
-def _line_bytes(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: int) -> bytes:
+def _line_bytes(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: int, size: int) -> bytes:
     """The lines that start in [start, stop): from the first line start >= start to the first one >= stop.
     A position p starts a line when p == 0 or byte p - 1 is a newline."""
-    size = int(fs.info(path)["size"])
     lo = max(start - 1, 0)
-    data = fs.cat_file(path, lo, min(stop + READ_AHEAD, size))
+    data = fs.cat_file(path, start=lo, end=min(stop + READ_AHEAD, size))
     if start == 0:
         first = 0
     else:
@@ -104,7 +104,7 @@ def _line_bytes(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: int)
         first = nl + 1
     end = data.find(b"\n", stop - 1 - lo)
     while end < 0 and lo + len(data) < size:  # the last line runs past what was read
-        more = fs.cat_file(path, lo + len(data), min(lo + len(data) + READ_AHEAD * 16, size))
+        more = fs.cat_file(path, start=lo + len(data), end=min(lo + len(data) + READ_AHEAD * 16, size))
         data += more
         end = data.find(b"\n", len(data) - len(more))
     return data[first : (end + 1 if end >= 0 else len(data))]
@@ -114,7 +114,7 @@ def _json_lines(unit: Unit, storage_options: dict | None, what: str) -> Iterator
     import pyarrow.json as paj
 
     fs, path = fsspec.core.url_to_fs(unit.urls[0], **(storage_options or {}))
-    data = _line_bytes(fs, path, unit.start, unit.stop)
+    data = _line_bytes(fs, path, unit.start, unit.stop, unit.size)
     if unit.start == 0 and data.startswith(codecs.BOM_UTF8):  # as the datasets json builder does
         data = data[len(codecs.BOM_UTF8) :]
     if not data.strip():
