@@ -56,8 +56,9 @@ class Reader:
         """One record as a Doc; a record without the fields this source needs is an error naming it."""
         what = what or self.what
         if self.kind == "text":
-            if "text" not in rec:
-                raise SourceError(f"{what}: record {i} has no 'text' field (fields: {sorted(rec)})")
+            if not isinstance(rec.get("text"), str):  # JSON readers fill a field some records lack with None
+                fields = sorted(k for k, v in rec.items() if v is not None)
+                raise SourceError(f"{what}: record {i} has no 'text' field with a string (fields: {fields})")
             return Doc(split=None, text=rec["text"])
         missing = {"sentence1", "sentence2", "label"} - set(rec)
         if missing:
