@@ -34,7 +34,11 @@ from shards.summary import TOKENIZER_DIR
 from shards.verify import VerifyError, check_shard_bytes
 from shards.writer import samples_per_shard, shard_path
 
-UNITS_DIR, SHARDS_DIR, STAGED_DIR = "units", "shards", "staged"
+UNITS_DIR, SHARDS_DIR, STAGED_DIR, GATHER_DIR = "units", "shards", "staged", "gather"
+# A shard task reads at most this many units itself. A split's documents are spread over every unit (val above
+# all: a few shards, each spanning a third of the units), so a shard spanning more has gather tasks first pull
+# its documents out of groups of this many units, in parallel; it then reads their much smaller outputs.
+GATHER_UNITS = 64
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,20 @@ def tokenize_unit(spec: Spec, unit: Unit) -> UnitFacts:
 # ---------------------------------------------------------------- the plan between the phases
 
 
+UnitSpan = tuple[int, int, int]  # (unit, global index of its first document, documents used)
+
+
+@dataclass(frozen=True)
+class GatherTask:
+    """The documents of one split, from `start_doc` on, of up to GATHER_UNITS units, for one shard task."""
+
+    split: str
+    shard: int
+    part: int
+    start_doc: int
+    units: tuple[UnitSpan, ...]
+
+
 @dataclass(frozen=True)
 class ShardTask:
     split: str
@@ -197,7 +215,8 @@ class ShardTask:
     first_sample: int  # the split's index of its first window (WebDataset keys count from it)
     samples: int
     state: tuple[int, int, int, int]  # the assembler's resume state at the first window (windows.STATE_FIELDS)
-    units: tuple[tuple[int, int, int], ...]  # (unit, global index of its first document, documents used)
+    units: tuple[UnitSpan, ...]  # the units holding its documents, in order
+    gathers: tuple[GatherTask, ...] = ()  # when it spans many units: read from these instead
 
 
 def plan_shards(facts: list[UnitFacts], spec: Spec, max_docs: int | None) -> tuple[dict[str, SplitInfo], list[ShardTask]]:
@@ -248,8 +267,12 @@ def plan_shards(facts: list[UnitFacts], spec: Spec, max_docs: int | None) -> tup
             n = min(per_shard, windows - w0)
             p0, offset, p1 = span(w0, n)
             state = (int(doc[p0]), offset, 0, w0 * window if packed else 0)
-            used = np.unique(unit[p0 : p1 + 1])
-            tasks.append(ShardTask(split, j, w0, n, state, tuple((int(u), int(first[u]), int(counts[u])) for u in used)))
+            used = tuple((int(u), int(first[u]), int(counts[u])) for u in np.unique(unit[p0 : p1 + 1]))
+            gathers = () if len(used) <= GATHER_UNITS else tuple(
+                GatherTask(split, j, k, state[0], used[i : i + GATHER_UNITS])
+                for k, i in enumerate(range(0, len(used), GATHER_UNITS))
+            )
+            tasks.append(ShardTask(split, j, w0, n, state, used, gathers))
     return splits, tasks
 
 
@@ -274,6 +297,64 @@ def finished_shard(spec: Spec, task: ShardTask) -> ShardInfo | None:
     return info
 
 
+Piece = tuple[np.ndarray, "enc.TextTokens | enc.PairWindows", np.ndarray]  # doc indexes, their tokens, labels
+
+
+def _take(kind: str, result, sel: np.ndarray):
+    """The documents `sel` (sorted positions) of an encoded run, copying only theirs: a val shard keeps about
+    1 % of each unit, where a mask over every token would cost as much as the whole unit."""
+    if kind == "text":
+        starts = (np.cumsum(result.lengths) - result.lengths)[sel]
+        lengths = result.lengths[sel]
+        positions = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+        return enc.TextTokens(result.flat[positions], lengths)
+    return enc.PairWindows(result.windows[sel], result.ok[sel], result.lengths[sel])
+
+
+def unit_piece(spec: Spec, fs, span: UnitSpan, code: int, start_doc: int) -> Piece:
+    """A unit's documents of one split, from `start_doc` on (and before --max_docs)."""
+    unit, first_doc, n_docs = span
+    a = load_arrays(storage.read_bytes(fs, unit_paths(spec, unit)[0]))
+    idx = first_doc + np.arange(len(a["lengths"]), dtype=np.int64)
+    if spec.kind == "text":
+        codes, result = split_codes(idx, spec.seed, spec.val_frac), enc.TextTokens(a["tokens"], a["lengths"])
+    else:
+        codes, result = a["split"], enc.PairWindows(a["windows"], a["ok"], a["lengths"])
+    sel = np.flatnonzero((codes == code) & (idx >= start_doc) & (idx < first_doc + n_docs))
+    labels = a["labels"][sel] if "labels" in a else np.full(len(sel), -1, np.int64)
+    return idx[sel], _take(spec.kind, result, sel), labels
+
+
+def _piece_arrays(piece: Piece) -> dict[str, np.ndarray]:
+    idx, result, labels = piece
+    if isinstance(result, enc.TextTokens):
+        return {"doc": idx, "lengths": result.lengths, "tokens": result.flat}
+    return {"doc": idx, "lengths": result.lengths, "ok": result.ok, "windows": result.windows, "labels": labels}
+
+
+def _piece(a: dict[str, np.ndarray]) -> Piece:
+    if "tokens" in a:
+        return a["doc"], enc.TextTokens(a["tokens"], a["lengths"]), np.full(len(a["doc"]), -1, np.int64)
+    return a["doc"], enc.PairWindows(a["windows"], a["ok"], a["lengths"]), a["labels"]
+
+
+def gather_path(spec: Spec, g: GatherTask) -> str:
+    return spec.work(GATHER_DIR, f"{g.split}-{g.shard:05d}-{g.part:03d}.data")
+
+
+def gather(spec: Spec, g: GatherTask) -> bool:
+    """Phase 2, before a shard that spans many units: its split's documents from a group of them, in one file.
+    Returns whether an earlier run had written it."""
+    fs, _ = spec.open()
+    path = gather_path(spec, g)
+    if storage.exists(fs, path):
+        return True
+    pieces = [unit_piece(spec, fs, span, SPLITS.index(g.split), g.start_doc) for span in g.units]
+    arrays = [_piece_arrays(p) for p in pieces]
+    storage.write_atomic(fs, path, dump_arrays({k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}))
+    return False
+
+
 def write_shard(spec: Spec, task: ShardTask) -> tuple[ShardInfo, bool]:
     """Phase 2: write one shard (or find it done); returns its record and whether it was already there."""
     done = finished_shard(spec, task)
@@ -286,17 +367,13 @@ def write_shard(spec: Spec, task: ShardTask) -> tuple[ShardInfo, bool]:
                          first_sample=task.first_sample)
     assembler = make_assembler(spec.kind, spec.pack, spec.cmp_len, spec.seq_len, spec.pad_id, list(task.state))
     code, need = SPLITS.index(task.split), task.samples
-    for unit, first_doc, n_docs in task.units:
-        a = load_arrays(storage.read_bytes(fs, unit_paths(spec, unit)[0]))
-        idx = first_doc + np.arange(len(a["lengths"]), dtype=np.int64)
-        if spec.kind == "text":
-            codes = split_codes(idx, spec.seed, spec.val_frac)
-            result = enc.TextTokens(a["tokens"], a["lengths"])
-        else:
-            codes, result = a["split"], enc.PairWindows(a["windows"], a["ok"], a["lengths"])
-        keep = (codes == code) & (idx >= task.state[0]) & (idx < first_doc + n_docs)
-        labels = a.get("labels", np.full(len(idx), -1, np.int64))
-        windows, extras, states, _ = assemble(assembler, spec.kind, idx, result, labels, keep, list(spec.columns))
+    if task.gathers:
+        pieces = (_piece(load_arrays(storage.read_bytes(fs, gather_path(spec, g)))) for g in task.gathers)
+    else:
+        pieces = (unit_piece(spec, fs, span, code, task.state[0]) for span in task.units)
+    for idx, result, labels in pieces:
+        everything = np.ones(len(idx), bool)
+        windows, extras, states, _ = assemble(assembler, spec.kind, idx, result, labels, everything, list(spec.columns))
         take = min(need, len(windows))
         writer.add(windows[:take], {c: v[:take] for c, v in extras.items()}, states[:take])
         need -= take

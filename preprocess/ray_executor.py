@@ -50,6 +50,11 @@ def _tokenize(spec: phases.Spec, unit: units.Unit) -> phases.UnitFacts:
 
 
 @ray.remote(num_cpus=1, max_retries=MAX_RETRIES)
+def _gather(spec: phases.Spec, task: phases.GatherTask) -> bool:
+    return phases.gather(spec, task)
+
+
+@ray.remote(num_cpus=1, max_retries=MAX_RETRIES)
 def _write_shard(spec: phases.Spec, task: phases.ShardTask):
     return phases.write_shard(spec, task)
 
@@ -150,7 +155,9 @@ class RayRun(Run):
         spec = self._spec()
         facts = self._tokenize(spec, self._plan_units(spec))
         splits, tasks = phases.plan_shards(facts, spec, self.job.max_docs)
+        between = time.perf_counter()
         shards = self._write_shards(spec, tasks)
+        self.phase_seconds = (between - started, time.perf_counter() - between)
         for split in SPLITS:
             splits[split].shards = [shards[shard_path(t.split, t.index, spec.fmt)] for t in tasks if t.split == split]
         return self._finish(splits, time.perf_counter() - started)
@@ -231,30 +238,37 @@ class RayRun(Run):
         return ordered
 
     def _write_shards(self, spec: phases.Spec, tasks: list[phases.ShardTask]) -> dict[str, ShardInfo]:
-        """Phase 2: every shard's record, by its path."""
+        """Phase 2: the gathers of shards that span many units, then every shard; their records by path."""
+        gathers = [g for t in tasks for g in t.gathers]
         shards: dict[str, ShardInfo] = {}
         skipped = 0
-        bar, started = self._bar(len(tasks), "shard"), time.perf_counter()
+        bar, started = self._bar(len(tasks) + len(gathers), "shard"), time.perf_counter()
+        bar.set_description(f"{self.job.name} shards" + (f" (and {len(gathers)} gathers)" if gathers else ""))
 
         def done(result) -> None:
             nonlocal skipped
+            bar.update(1)
+            if isinstance(result, bool):  # a gather
+                return
             info, was_done = result
             shards[info.path] = info
             skipped += was_done
-            bar.update(1)
             mb = sum(x.bytes for x in shards.values()) / 1e6
             bar.set_postfix(MB_s=f"{mb / max(time.perf_counter() - started, 1e-9):,.1f}", refresh=False)
 
         try:
+            self._map(_gather, spec, gathers, done)
             self._map(_write_shard, spec, tasks, done)
         finally:
             bar.close()
-        self.shards_done = (len(tasks), skipped)
+        self.shards_done = (len(tasks), skipped, len(gathers))
         return shards
 
     def _summary(self, m: Manifest, seconds: float) -> None:
         super()._summary(m, seconds)
         nodes = f"{self.nodes} node{'s' if self.nodes > 1 else ''}"
         print(f"{m.name}: ray on {nodes}, {self.cpus} CPUs: {self.units_done[0]} units "
-              f"({self.units_done[1]} already done), {self.shards_done[0]} shards ({self.shards_done[1]} already done)")
+              f"({self.units_done[1]} already done), {self.shards_done[0]} shards ({self.shards_done[1]} already done, "
+              f"{self.shards_done[2]} gathers); "
+              f"phase 1 {self.phase_seconds[0]:.1f} s, phase 2 {self.phase_seconds[1]:.1f} s")
 

@@ -129,15 +129,19 @@ def env() -> dict[str, str]:
 # ------------------------------------------------------------------ the same bytes as the local executor
 
 
-def test_same_bytes_as_local_executor(cluster, corpus, gpt2_tokenizer_dir, capsys):
+def test_same_bytes_as_local_executor(cluster, corpus, gpt2_tokenizer_dir, capsys, monkeypatch):
+    from preprocess import phases
+
+    monkeypatch.setattr(phases, "GATHER_UNITS", 4)  # shards spanning more units are gathered first
     args = text_args(corpus.files, gpt2_tokenizer_dir)
     assert main(ray_args(cluster, corpus, *args, "--data_root", f"{corpus.url}/same")) == 0
     got = s3_digest(corpus, "same/json")
     assert got == corpus.reference
     assert sum(k.endswith(".arrow") for k in got) > 4  # several shards per split
     assert not any(k.startswith("_work") for k in got)  # intermediate files are gone
-    units = re.search(r"ray on 2 nodes, 2 CPUs: (\d+) units \(0 already done\)", capsys.readouterr().out).group(1)
-    assert int(units) > 10
+    found = re.search(r"2 nodes, 2 CPUs: (\d+) units \(0 already done\), \d+ shards \(0 already done, (\d+) gathers",
+                      capsys.readouterr().out)
+    assert int(found.group(1)) > 10 and int(found.group(2)) > 0
 
 
 @pytest.mark.slow
@@ -317,7 +321,7 @@ def test_byte_ranges_read_every_line_once(tmp_path):
         assert got == whole and len(plan) == -(-path.stat().st_size // unit_size)
 
 
-def test_tasks_run_twice_write_the_same_bytes(tmp_path, docs, gpt2_tokenizer_dir):
+def test_tasks_run_twice_write_the_same_bytes(tmp_path, docs, gpt2_tokenizer_dir, monkeypatch):
     """A retried or duplicated task finds its work done, or redoes it into the same bytes; a damaged shard is
     written again."""
     from preprocess import phases, units
@@ -351,3 +355,13 @@ def test_tasks_run_twice_write_the_same_bytes(tmp_path, docs, gpt2_tokenizer_dir
     shard.write_bytes(shard.read_bytes()[:-10])  # truncated: the marker no longer matches
     assert not phases.write_shard(spec, tasks[0])[1] and not phases.write_shard(spec, tasks[1])[1]
     assert tree_digest(str(out)) == written
+
+    # shards that span many units read gathered documents instead: the same shards
+    monkeypatch.setattr(phases, "GATHER_UNITS", 2)
+    _, gathered = phases.plan_shards(facts, spec, None)
+    gathers = [g for t in gathered for g in t.gathers]
+    assert len(gathers) > len(gathered) and [t.units for t in gathered] == [t.units for t in tasks]
+    shutil.rmtree(out / "_work" / phases.SHARDS_DIR)
+    assert not any(phases.gather(spec, g) for g in gathers) and all(phases.gather(spec, g) for g in gathers)
+    assert all(not skipped for _, skipped in (phases.write_shard(spec, t) for t in gathered))
+    assert {k: v for k, v in tree_digest(str(out)).items() if "gather" not in k} == written
