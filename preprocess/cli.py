@@ -121,8 +121,8 @@ def check(o: dict[str, Any]) -> None:
         bad("executor", f"must be one of {', '.join(EXECUTORS)}")
     if o["address"] is not None and o["executor"] != "ray":
         bad("address", "needs --executor ray")
-    if not isinstance(o["unit_size"], int) or o["unit_size"] < 1024:
-        bad("unit_size", "must be at least 1024 bytes")
+    if not isinstance(o["unit_size"], int) or not 1024 <= o["unit_size"] <= 1 << 30:
+        bad("unit_size", "must be between 1024 bytes and 1 GiB")
 
 
 def make_job(o: dict[str, Any]) -> Job:

@@ -10,7 +10,8 @@ split's tokens or windows (window and shard boundaries). `plan_shards` turns the
 Phase 2, one task per shard: start the split's window assembler at the shard's first window (a resume state,
 as windows.py defines them), feed it the covering units' documents of that split until the shard is full, write
 it with ShardWriter, then `_work/shards/<split>-NNNNN.json` with its size and sha256. A task that finds that file
-and a shard that matches it returns at once.
+and a shard that matches it returns at once. A shard spanning more than GATHER_UNITS units reads its documents
+from gather tasks run first, each pulling them out of a group of units into `_work/gather/`.
 Every file is written atomically and is a function of the inputs alone, so a retried or duplicated task
 writes the same bytes under the same name. Nothing here imports Ray: the executor only schedules these.
 """
@@ -32,7 +33,7 @@ from preprocess.units import Unit, read
 from shards import ShardInfo, ShardWriter, SplitInfo, storage
 from shards.summary import TOKENIZER_DIR
 from shards.verify import VerifyError, check_shard_bytes
-from shards.writer import samples_per_shard, shard_path
+from shards.writer import samples_per_shard
 
 UNITS_DIR, SHARDS_DIR, STAGED_DIR, GATHER_DIR = "units", "shards", "staged", "gather"
 # A shard task reads at most this many units itself. A split's documents are spread over every unit (val above
