@@ -15,6 +15,7 @@ only for `--executor ray`, so the local executor never imports ray.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -140,10 +141,15 @@ class RayRun(Run):
                     raise cause from None
                 raise
 
+    def _absolute(self, url: str) -> str:
+        """A local path travels absolute: on another machine the driver's folder need not exist."""
+        fs, _ = storage.open_fs(url, self.job.storage_options)
+        return os.path.abspath(url) if storage.is_local(fs) and "://" not in url else url
+
     def _spec(self) -> phases.Spec:
         job = self.job
         return phases.Spec(
-            out=self.url, storage_options=job.storage_options, kind=job.source.kind, pack=job.pack, fmt=job.fmt,
+            out=self._absolute(self.url), storage_options=job.storage_options, kind=job.source.kind, pack=job.pack, fmt=job.fmt,
             cmp_len=job.cmp_len, seq_len=job.seq_len, dtype=self.dtype, eos_id=job.tokenizer.eos_token_id,
             pad_id=pad_id(job.tokenizer), tokenizer_sha=self.tok_sha, columns=tuple(job.source.columns),
             shard_size=job.shard_size, seed=job.seed, val_frac=job.val_frac, reader=job.source.reader,
@@ -166,7 +172,8 @@ class RayRun(Run):
         """The unit list (None: the stream is staged as it is read), checked against an interrupted run's."""
         job = self.job
         source = job.source
-        unit_list = units.plan(source.files, source.reader, job.storage_options, job.unit_size) if source.files else None
+        files = [dataclasses.replace(f, url=self._absolute(f.url)) for f in source.files]
+        unit_list = units.plan(files, source.reader, job.storage_options, job.unit_size) if files else None
         plan = {"params": self.params, "unit_size": job.unit_size,
                 "units": "staged" if unit_list is None else [asdict(u) for u in unit_list]}
         plan = json.loads(json.dumps(plan))

@@ -168,16 +168,18 @@ def test_every_source_kind_same_bytes(source, cluster, corpus, docs, tmp_path, g
                 "--cmp_len", "16", "--seq_len", "64", "--shard_size", "20000", "--max_docs", "2100"]
     elif source == "text":
         # datasets' text builder cannot read from S3 (it passes `encoding` to the S3 client), with either
-        # executor: local files, and the multi-node check is lifted since both nodes share this disk
+        # executor: local files, and the multi-node check is lifted since both nodes share this disk. Relative
+        # paths: the workers run in another folder.
         from preprocess import ray_executor
 
         monkeypatch.setattr(ray_executor, "check_shared_storage", lambda *a: None)
+        monkeypatch.chdir(tmp_path)
         (tmp_path / "txt").mkdir()
         for i, d in enumerate(docs[:120]):
             (tmp_path / "txt" / f"{i:04d}.txt").write_text(d.replace("\n\n", "\r\n\r\n", i % 2))
-        args = ["--dataset", "text", "--data_files", str(tmp_path / "txt" / "*.txt"), *common, "--val_frac", "0.1",
+        args = ["--dataset", "text", "--data_files", "txt/*.txt", *common, "--val_frac", "0.1",
                 "--no_pack", "--max_docs", "100", "--format", "webdataset"]
-        url = str(tmp_path / "ray")
+        url = "ray"
     else:
         for i in range(4):
             sink = pa.BufferOutputStream()
