@@ -164,6 +164,30 @@ def head_of(corpus: str, path: str, megabytes: float) -> str:
     return path
 
 
+def unit_read_seconds(tmp: str, unit_tokens: int, doc_tokens: int, val_frac: float) -> tuple[float, float]:
+    """Phase 2's cost of reading one unit (local disk) and keeping one split's documents: (train, val)."""
+    import numpy as np
+
+    from preprocess import phases
+    from shards import storage
+
+    n_docs = max(1, unit_tokens // doc_tokens)
+    lengths = np.full(n_docs, doc_tokens, np.int64)
+    spec = phases.Spec(out=os.path.join(tmp, "read"), storage_options=None, kind="text", pack=True, fmt="arrow",
+                       cmp_len=CMP_LEN, seq_len=SEQ_LEN, dtype="uint16", eos_id=0, pad_id=0, tokenizer_sha="", columns=(),
+                       shard_size=64 << 20, seed=0, val_frac=val_frac, reader=None)
+    fs, _ = spec.open()
+    tokens = np.arange(int(lengths.sum()), dtype=np.uint16)
+    storage.write_atomic(fs, phases.unit_paths(spec, 0)[0], phases.dump_arrays({"lengths": lengths, "tokens": tokens}))
+    seconds = []
+    for code in (0, 1):
+        t = time.perf_counter()
+        for _ in range(5):
+            phases.unit_piece(spec, fs, (0, 0, n_docs), code, 0)
+        seconds.append((time.perf_counter() - t) / 5)
+    return seconds[0], seconds[1]
+
+
 def bench_ray(corpus: str, tok_dir: str, tmp: str, repeats: int, cores_per_machine: int, project_tokens: float
               ) -> None:
     """(d): the Ray executor beside the local one, its fixed costs, and a projection to many machines."""
@@ -192,7 +216,7 @@ def bench_ray(corpus: str, tok_dir: str, tmp: str, repeats: int, cores_per_machi
         if seconds < best["ray"]:
             best["ray"], figures = seconds, got
     m = load_manifest(*storage.open_fs(os.path.join(tmp, "rr0", "json")))
-    tokens = sum(s.tokens for s in m.splits.values())
+    tokens, documents = sum(s.tokens for s in m.splits.values()), sum(s.documents for s in m.splits.values())
     small = head_of(corpus, os.path.join(tmp, "small.jsonl"), 4)
     tiny = head_of(corpus, os.path.join(tmp, "tiny.jsonl"), 0.05)
     job, _ = min(ours_ray(tiny, tok_dir, os.path.join(tmp, f"tiny{i}")) for i in range(3))
@@ -226,27 +250,26 @@ def bench_ray(corpus: str, tok_dir: str, tmp: str, repeats: int, cores_per_machi
           f"({many_fig['units']:.0f} vs {few_fig['units']:.0f} units of the same 4 MB: {many:.1f} vs {few:.1f} s)")
 
     # Projection. Phase 1 runs one unit per core at a time, at the per-core rate measured in phase 1 here (its
-    # per-unit costs included, units of the same size). Phase 2 reads each unit about three times (a train shard
-    # or two, a val gather), spread over every core, at the cost per unit read measured here (both shard tasks of
-    # this run read every unit); its longest chain is a val shard: a gather of GATHER_UNITS units, then the shard
-    # reading its gathers (val documents are spread over every unit, and there are few val shards).
+    # per-unit costs included, units of the same size). Phase 2 reads each unit about once for train (a shard or
+    # two) and once for val (a gather), spread over every core, at the cost of a unit read measured on local disk;
+    # its longest chain is a val shard: a gather of GATHER_UNITS units, then the shard reading its gathers (val
+    # documents are spread over every unit, and there are few val shards).
     unit_tokens = tokens / figures["units"]
     per_core = tokens / (figures["phase1"] * cpus)
-    per_read = figures["phase2"] / figures["units"]
+    read_train, read_val = unit_read_seconds(tmp, int(unit_tokens), tokens // documents, 0.01)
     units = project_tokens / unit_tokens
     val_shards = -(-project_tokens * 0.01 * 2 // (64 << 20))  # val_frac 0.01, uint16 tokens, 64 MiB shards
     span = units / val_shards
-    chain = (min(GATHER_UNITS, span) + -(-span // GATHER_UNITS)) * per_read
+    chain = (min(GATHER_UNITS, span) + -(-span // GATHER_UNITS)) * read_val
     print(f"projection for {project_tokens:.1e} tokens ({units:,.0f} units of {UNIT_SIZE >> 20} MiB at this corpus's "
           f"{os.path.getsize(corpus) / tokens:.1f} bytes/token), {cores_per_machine} cores a machine, "
-          f"{per_core:,.0f} tokens/s a core (phase 1 here), a fresh job's fixed cost ({fresh['ray']:.1f} s), "
-          f"{per_read * 1e3:.0f} ms a "
-          f"unit read in phase 2 (longest chain {chain:.1f} s: val_frac 0.01, 64 MiB shards), storage bandwidth "
-          "not limiting:")
+          f"{per_core:,.0f} tokens/s a core (phase 1 here), a fresh job's fixed cost ({fresh['ray']:.1f} s), a unit "
+          f"read in phase 2 {read_train * 1e3:.0f} ms for train, {read_val * 1e3:.0f} ms for val (local disk; "
+          f"longest chain {chain:.1f} s: val_frac 0.01, 64 MiB shards), storage bandwidth not limiting:")
     for machines in (8, 64):
         slots = machines * cores_per_machine
         phase1 = -(-units // slots) * unit_tokens / per_core
-        phase2 = 3 * units * per_read / slots + chain
+        phase2 = units * (read_train + read_val) / slots + chain
         seconds = fresh["ray"] + phase1 + phase2
         print(f"  {machines:>3} machines: {project_tokens / seconds:>14,.0f} tokens/s, {seconds / 60:5.1f} min "
               f"(phase 1 {phase1:,.0f} s, phase 2 {phase2:,.0f} s)")

@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from preprocess import encode as enc
-from preprocess.pipeline import CHUNK_DOCS, SPLITS, WORK_DIR, assemble, doc_chunk, make_assembler, pair_splits, split_codes
+from preprocess.pipeline import (
+    CHUNK_DOCS, SPLITS, WORK_DIR, assemble, doc_chunk, make_assembler, pair_splits, select_text, split_codes,
+)
 from preprocess.sources import Reader
 from preprocess.units import Unit, read
 from shards import ShardInfo, ShardWriter, SplitInfo, storage
@@ -302,8 +304,12 @@ Piece = tuple[np.ndarray, "enc.TextTokens | enc.PairWindows", np.ndarray]  # doc
 
 
 def _take(kind: str, result, sel: np.ndarray):
-    """The documents `sel` (sorted positions) of an encoded run, copying only theirs: a val shard keeps about
-    1 % of each unit, where a mask over every token would cost as much as the whole unit."""
+    """The documents `sel` (sorted positions) of an encoded run. A val shard keeps about 1 % of each unit: an index
+    per kept token then costs far less than a mask over every token, which is cheaper when most are kept."""
+    if kind == "text" and 2 * len(sel) > len(result.lengths):
+        keep = np.zeros(len(result.lengths), bool)
+        keep[sel] = True
+        return select_text(result, keep)
     if kind == "text":
         starts = (np.cumsum(result.lengths) - result.lengths)[sel]
         lengths = result.lengths[sel]
