@@ -333,7 +333,8 @@ def upload(endpoint: str, local_root: str) -> None:
 
 
 GROUPS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "ours": lambda a: bench_ours(os.path.join(a.work, "arrow"), "arrow, full shuffle", a.batch, a.samples, a.budget),
+    "ours": lambda a: bench_ours(os.path.join(a.work, "arrow"), "arrow, full shuffle", a.batch, a.samples, a.budget,
+                                 shuffle_block=0),
     "raw": lambda a: bench_raw(os.path.join(a.work, "arrow"), a.batch, a.samples, a.budget),
     "hf": lambda a: bench_hf(load_tokens(a.work), a.work, a.batch, a.samples, a.budget),
     "webdataset": lambda a: bench_webdataset(os.path.join(a.work, "wds"), a.batch, a.samples, a.budget),

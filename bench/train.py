@@ -26,7 +26,7 @@ from tests.test_blotch import reference  # noqa: E402
 from train.blotch import BlotchSpec, blotch  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loss import token_loss  # noqa: E402
-from train.model import build_model  # noqa: E402
+from train.build import build_model  # noqa: E402
 
 DEMO = load_config(os.path.join(ROOT, "configs", "arithmetic.json"))
 CMP_LEN, SEQ_LEN = DEMO.cmp_len, DEMO.seq_len  # the demo's windows and model

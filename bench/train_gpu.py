@@ -117,12 +117,12 @@ def blotch_seconds(run, repeats: int = 20) -> float:
     batches = [run.stream.next()[1] for _ in range(4)]
     batches = [(b["input_ids"].to(device), b["sample_id"]) for b in batches]
     for ids, sid in batches:
-        blotch(ids, sid, 0, run.data.spec)
+        blotch(ids, sid, 0, run.src.spec)
     sync(device)
     t = time.perf_counter()
     for i in range(repeats):
         ids, sid = batches[i % len(batches)]
-        blotch(ids, sid, 0, run.data.spec)
+        blotch(ids, sid, 0, run.src.spec)
     sync(device)
     return (time.perf_counter() - t) / repeats
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 if source == "memory":
                     run.stream = MemoryStream([run.stream.next() for _ in range(8)], device)
                 if compiled:
-                    run.ddp = torch.compile(run.model)
+                    run.model = torch.compile(run.model)  # its view and parameters reach the module
                 key = f"{source} p={p} {'compiled' if compiled else 'eager'}"
                 t0 = time.perf_counter()
                 r = measure(run, steps, warmup)

@@ -23,9 +23,11 @@ class ArithmeticParams:
     n_val: int = 1000
     min_ents: int = 2
     max_ents: int = 3
-    max_num: int = 1000
+    p_more_ents: float | None = None  # each operand beyond min_ents with this probability; None: a uniform count
+    max_num: int = 1000  # summed values are drawn from [0, max_num)
     p_mult: float = 0.0
-    max_mult_num: int = 10
+    max_mult_num: int = 10  # right factors of products are drawn from [0, max_mult_num)
+    max_mult_left: int | None = None  # left factors from [0, max_mult_left); None: max_num
 
 
 def lowest_part(n: int) -> int:
@@ -72,11 +74,22 @@ def solve(terms: list[Term]) -> list[str]:
     return steps or [render(terms)]
 
 
+def n_operands(rng: np.random.Generator, p: ArithmeticParams) -> int:
+    if p.p_more_ents is None:
+        return int(rng.integers(p.min_ents, p.max_ents + 1))
+    n = p.min_ents
+    while n < p.max_ents and rng.random() < p.p_more_ents:
+        n += 1
+    return n
+
+
 def sample_problem(rng: np.random.Generator, p: ArithmeticParams) -> list[Term]:
     terms: list[Term] = []
-    for _ in range(int(rng.integers(p.min_ents, p.max_ents + 1))):
+    for _ in range(n_operands(rng, p)):
         a = int(rng.integers(0, p.max_num))
         if p.p_mult > 0 and rng.random() < p.p_mult:
+            if p.max_mult_left is not None:
+                a = int(rng.integers(0, p.max_mult_left))
             terms.append((a, int(rng.integers(0, p.max_mult_num))))
         else:
             terms.append(a)

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from preprocess.arithmetic import ArithmeticParams
-from preprocess.pipeline import Job, run
+from preprocess.pipeline import UNIT_SIZE, Job, run
 from preprocess.sources import DATASETS, SourceError, arithmetic_source, glue_source, text_source
 from preprocess.tokenizer import CHAR_TOKENIZER, load_tokenizer
 from shards.manifest import FORMATS
@@ -21,6 +21,7 @@ DATASET_DEFAULTS = {
     "text": {"tokenizer": "gpt2", "cmp_len": 64, "seq_len": 960},
 }
 MAX_WINDOW = 1 << 20
+EXECUTORS = ("local", "ray")
 
 
 def dataset_defaults(dataset: str) -> dict[str, Any]:
@@ -55,14 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--glue_task", help="GLUE task (default mrpc)")
     a("--no_pack", action="store_true", default=None, help="one truncated, padded window per document")
     a("--overwrite", action="store_true", default=None, help="delete an existing output and rebuild it")
+    a("--executor", choices=EXECUTORS, help="local (default): this machine's processes; ray: a Ray cluster, same bytes")
+    a("--address", help="ray: a running cluster's address (default: start a local Ray instance)")
+    a("--unit_size", type=int, help=f"ray: input bytes per work unit (default {UNIT_SIZE}); output is identical for any value")
     g = p.add_argument_group("arithmetic generator")
     g.add_argument("--n_train", type=int, help="train problems (default 20000)")
     g.add_argument("--n_val", type=int, help="val problems, never in train (default 1000)")
     g.add_argument("--min_ents", type=int, help="fewest operands (default 2)")
     g.add_argument("--max_ents", type=int, help="most operands (default 3)")
+    g.add_argument("--p_more_ents", type=float,
+                   help="each operand beyond min_ents with this probability (default: a uniform count)")
     g.add_argument("--max_num", type=int, help="operands are drawn from [0, max_num) (default 1000)")
     g.add_argument("--p_mult", type=float, help="probability that an operand is a product (default 0)")
     g.add_argument("--max_mult_num", type=int, help="right factors are drawn from [0, max_mult_num) (default 10)")
+    g.add_argument("--max_mult_left", type=int, help="left factors are drawn from [0, max_mult_left) (default max_num)")
     return p
 
 
@@ -84,6 +91,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "data_root": "./data", "name": opts["dataset"], "n_data_procs": 1, "format": "arrow",
         "shard_size": 1 << 26, "val_frac": 0.01, "seed": 0, "max_docs": None, "data_files": None,
         "storage_options": None, "glue_task": "mrpc", "no_pack": False, "overwrite": False,
+        "executor": "local", "address": None, "unit_size": UNIT_SIZE,
         **dataset_defaults(opts["dataset"]),
     }
     return {**defaults, **opts}
@@ -112,6 +120,12 @@ def check(o: dict[str, Any]) -> None:
         bad("storage_options", "must be a JSON object")
     if "/" in o["name"] or not o["name"]:
         bad("name", "must be a plain folder name")
+    if o["executor"] not in EXECUTORS:
+        bad("executor", f"must be one of {', '.join(EXECUTORS)}")
+    if o["address"] is not None and o["executor"] != "ray":
+        bad("address", "needs --executor ray")
+    if not isinstance(o["unit_size"], int) or not 1024 <= o["unit_size"] <= 1 << 30:
+        bad("unit_size", "must be between 1024 bytes and 1 GiB")
 
 
 def make_job(o: dict[str, Any]) -> Job:
@@ -120,7 +134,9 @@ def make_job(o: dict[str, Any]) -> Job:
     if dataset == "arithmetic":
         fields = ArithmeticParams.__dataclass_fields__
         ap = ArithmeticParams(**{k: o[k] for k in fields if o.get(k) is not None})
-        if ap.min_ents < 1 or ap.max_ents < ap.min_ents or ap.max_num < 1 or not 0 <= ap.p_mult <= 1:
+        if (ap.min_ents < 1 or ap.max_ents < ap.min_ents or ap.max_num < 1 or not 0 <= ap.p_mult <= 1
+                or ap.max_mult_num < 1 or (ap.max_mult_left is not None and ap.max_mult_left < 1)
+                or (ap.p_more_ents is not None and not 0 <= ap.p_more_ents <= 1)):
             raise ValueError(f"arithmetic parameters out of range: {ap}")
         source = arithmetic_source(ap, o["seed"])
         extra["arithmetic"] = {k: getattr(ap, k) for k in fields}
@@ -134,7 +150,8 @@ def make_job(o: dict[str, Any]) -> Job:
         source=source, tokenizer=load_tokenizer(o["tokenizer"]), tokenizer_name=o["tokenizer"],
         cmp_len=o["cmp_len"], seq_len=o["seq_len"], fmt=o["format"], shard_size=o["shard_size"],
         n_data_procs=o["n_data_procs"], seed=o["seed"], val_frac=o["val_frac"], max_docs=o["max_docs"],
-        pack=not o["no_pack"], overwrite=o["overwrite"], extra_params=extra,
+        pack=not o["no_pack"], overwrite=o["overwrite"], extra_params=extra, executor=o["executor"],
+        address=o["address"], unit_size=o["unit_size"],
     )
 
 

@@ -74,6 +74,9 @@ class Encoder:
                 out[i, self.cmp_len : self.cmp_len + len(b)] = b
         return PairWindows(windows=out, ok=ok, lengths=lengths)
 
+    def encode(self, kind: str, chunk: Chunk) -> TextTokens | PairWindows:
+        return self.text(chunk) if kind == "text" else self.pairs(chunk)
+
 
 _worker_encoder: Encoder | None = None
 
@@ -84,4 +87,4 @@ def init_worker(encoder: Encoder) -> None:
 
 
 def encode_in_worker(kind: str, chunk: Chunk) -> TextTokens | PairWindows:
-    return _worker_encoder.text(chunk) if kind == "text" else _worker_encoder.pairs(chunk)
+    return _worker_encoder.encode(kind, chunk)

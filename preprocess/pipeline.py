@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from preprocess import encode as enc
 from preprocess.sources import Doc, Source
+from shards.storage import first_line
 from preprocess.tokenizer import pad_id, save_tokenizer, separator_ids
 from preprocess.windows import Assembler, Packer, PairAssembler, Truncator
 from shards import ShardInfo, ShardWriter, SplitInfo, storage
@@ -32,7 +33,9 @@ from shards.summary import TOKENIZER_DIR
 
 SPLITS = ("train", "val")
 PROGRESS_NAME = "_progress.json"
+WORK_DIR = "_work"  # --executor ray: its intermediate files, removed once the manifest is written
 CHUNK_DOCS = {"text": 256, "pair": 1024}
+UNIT_SIZE = 8 << 20  # --executor ray: input bytes per work unit (units.py)
 
 
 class ParamsMismatch(ValueError):
@@ -61,6 +64,9 @@ class Job:
     pack: bool
     overwrite: bool
     extra_params: dict[str, Any]
+    executor: str = "local"  # or "ray" (preprocess/ray_executor.py): the same bytes either way
+    address: str | None = None  # ray: a running cluster's address; None starts a local Ray instance
+    unit_size: int = UNIT_SIZE  # ray: input bytes per work unit; the output does not depend on it
 
 
 def package_version() -> str:
@@ -91,6 +97,19 @@ def params_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def pair_splits(docs: list[Doc]) -> np.ndarray:
+    """Split codes of documents that carry their own split (pair sources)."""
+    return np.array([SPLITS.index(d.split) for d in docs], dtype=np.int8)
+
+
+def doc_chunk(docs: list[Doc], first: int, split: np.ndarray) -> enc.Chunk:
+    """Consecutive documents, the first at source position `first`, as the Chunk the encoder takes."""
+    return enc.Chunk(
+        doc_idx=np.arange(first, first + len(docs), dtype=np.int64), split=split, texts=[d.text for d in docs],
+        seconds=[d.second for d in docs], labels=np.array([-1 if d.label is None else d.label for d in docs], dtype=np.int64),
+    )
+
+
 def chunks(job: Job) -> Iterator[enc.Chunk]:
     size = CHUNK_DOCS[job.source.kind]
     buf: list[Doc] = []
@@ -98,15 +117,8 @@ def chunks(job: Job) -> Iterator[enc.Chunk]:
 
     def make(docs: list[Doc], first: int) -> enc.Chunk:
         idx = np.arange(first, first + len(docs), dtype=np.int64)
-        codes = (
-            split_codes(idx, job.seed, job.val_frac)
-            if job.source.kind == "text"
-            else np.array([SPLITS.index(d.split) for d in docs], dtype=np.int8)
-        )
-        return enc.Chunk(
-            doc_idx=idx, split=codes, texts=[d.text for d in docs], seconds=[d.second for d in docs],
-            labels=np.array([-1 if d.label is None else d.label for d in docs], dtype=np.int64),
-        )
+        codes = split_codes(idx, job.seed, job.val_frac) if job.source.kind == "text" else pair_splits(docs)
+        return doc_chunk(docs, first, codes)
 
     for i, doc in enumerate(job.source):
         if job.max_docs is not None and i >= job.max_docs:
@@ -129,6 +141,28 @@ def select(chunk: enc.Chunk, keep: np.ndarray) -> enc.Chunk:
 
 def select_text(tokens: enc.TextTokens, keep: np.ndarray) -> enc.TextTokens:
     return enc.TextTokens(flat=tokens.flat[np.repeat(keep, tokens.lengths)], lengths=tokens.lengths[keep])
+
+
+def assemble(assembler: Assembler, kind: str, doc_idx: np.ndarray, result: enc.TextTokens | enc.PairWindows,
+             labels: np.ndarray, keep: np.ndarray, columns: list[str]) -> tuple[np.ndarray, dict, np.ndarray, int]:
+    """Window the documents of an encoded chunk that `keep` selects (one split's): the windows, their extra
+    columns and resume states, and how many tokens those documents held."""
+    if kind == "text":
+        part = select_text(result, keep)
+    else:
+        part = enc.PairWindows(result.windows[keep], result.ok[keep], result.lengths[keep])
+    windows, states = assembler.add(doc_idx[keep], part)
+    extras = {c: labels[keep][part.ok] for c in columns} if kind != "text" else {}
+    return windows, extras, states, int(part.lengths.sum())
+
+
+def make_assembler(kind: str, pack: bool, cmp_len: int, seq_len: int, pad: int, state: list[int] | None) -> Assembler:
+    """The window assembler of a source kind, started from a resume state (None: the beginning)."""
+    if kind == "pair":
+        return PairAssembler(cmp_len + seq_len, state)
+    if pack:
+        return Packer(cmp_len + seq_len, state)
+    return Truncator(cmp_len, seq_len, pad, state)
 
 
 class Run:
@@ -191,11 +225,7 @@ class Run:
 
     def _make_assembler(self, state: list[int] | None) -> Assembler:
         job = self.job
-        if job.source.kind == "pair":
-            return PairAssembler(self.window, state)
-        if job.pack:
-            return Packer(self.window, state)
-        return Truncator(job.cmp_len, job.seq_len, pad_id(job.tokenizer), state)
+        return make_assembler(job.source.kind, job.pack, job.cmp_len, job.seq_len, pad_id(job.tokenizer), state)
 
     def _stream(self, progress: dict, tokenizer_json: str) -> Manifest:
         job = self.job
@@ -223,12 +253,17 @@ class Run:
             self._pump(job, assemblers, writers, documents, encoder, bar)
         finally:
             bar.close()
-        manifest = self._manifest(assemblers, documents)
+        return self._finish(self._split_infos(assemblers, documents), time.perf_counter() - started)
+
+    def _finish(self, splits: dict[str, SplitInfo], seconds: float) -> Manifest:
+        """Write the manifest (last: its presence means complete), then drop what only a resume needed."""
+        manifest = self._manifest(splits)
         save_manifest(self.fs, self.out, manifest)
         progress_path = storage.join(self.out, PROGRESS_NAME)
         if storage.exists(self.fs, progress_path):
             self.fs.rm_file(progress_path)
-        self._summary(manifest, time.perf_counter() - started)
+        storage.remove_tree(self.fs, storage.join(self.out, WORK_DIR))
+        self._summary(manifest, seconds)
         return manifest
 
     def _pump(self, job: Job, assemblers: dict, writers: dict, documents: dict, encoder: enc.Encoder, bar) -> None:
@@ -244,13 +279,10 @@ class Run:
                 keep = chunk.split == code
                 if not keep.any():
                     continue
-                if kind == "text":
-                    part = select_text(result, keep)
-                else:
-                    part = enc.PairWindows(result.windows[keep], result.ok[keep], result.lengths[keep])
-                n_tokens += int(part.lengths.sum())
-                windows, states = assemblers[split].add(chunk.doc_idx[keep], part)
-                extras = {c: chunk.labels[keep][part.ok] for c in extra_cols} if kind != "text" else {}
+                windows, extras, states, tokens = assemble(
+                    assemblers[split], kind, chunk.doc_idx, result, chunk.labels, keep, extra_cols
+                )
+                n_tokens += tokens
                 writers[split].add(windows, extras, states)
             bar.update(len(chunk.doc_idx))
             bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):,.0f}",
@@ -296,16 +328,19 @@ class Run:
         }
         storage.write_atomic(self.fs, storage.join(self.out, PROGRESS_NAME), json.dumps(progress).encode())
 
-    def _manifest(self, assemblers: dict[str, Assembler], documents: dict[str, int]) -> Manifest:
-        job, tok = self.job, self.job.tokenizer
+    def _split_infos(self, assemblers: dict[str, Assembler], documents: dict[str, int]) -> dict[str, SplitInfo]:
         splits = {}
         for s in SPLITS:
             a, shards = assemblers[s], self.shards[s]
             windows = sum(x.samples for x in shards)
             splits[s] = SplitInfo(
                 shards=shards, documents=documents[s], windows=windows, tokens=a.kept + a.dropped + a.tail(),
-                tokens_dropped=a.dropped + a.tail(), too_long=documents[s] - windows if job.source.kind == "pair" else 0,
+                tokens_dropped=a.dropped + a.tail(), too_long=documents[s] - windows if self.job.source.kind == "pair" else 0,
             )
+        return splits
+
+    def _manifest(self, splits: dict[str, SplitInfo]) -> Manifest:
+        job, tok = self.job, self.job.tokenizer
         return Manifest(
             name=job.name, format=job.fmt, cmp_len=job.cmp_len, seq_len=job.seq_len, dtype=self.dtype,
             vocab_size=self.vocab_size, pad_id=pad_id(tok), eos_id=tok.eos_token_id,
@@ -313,7 +348,7 @@ class Run:
             layout="packed" if job.source.kind == "text" and job.pack else "padded",
             columns=dict(job.source.columns),
             tokenizer={"name": job.tokenizer_name, "sha256": self.tok_sha, "path": TOKENIZER_DIR},
-            params=self.params, splits=splits, package_version=package_version(),
+            params=self.params, splits=splits, package_version=package_version(), answers=job.source.answers,
         )
 
     def _summary(self, m: Manifest, seconds: float) -> None:
@@ -333,4 +368,13 @@ class Run:
 
 
 def run(job: Job) -> Manifest | None:
+    if job.executor == "ray":  # imported only here: `--executor local` never imports ray
+        try:
+            from preprocess.ray_executor import RayRun
+        except ImportError as e:
+            if (e.name or "").partition(".")[0] != "ray":
+                raise
+            raise ValueError(f"--executor ray needs the ray package ({first_line(e)}): pip install "
+                             "'semantic-blotching[ray]' (make install installs it)") from None
+        return RayRun(job).execute()
     return Run(job).execute()

@@ -6,11 +6,12 @@ train/val per document from the seed. Pair sources (glue, arithmetic) carry thei
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from preprocess.arithmetic import ArithmeticParams, generate
+from shards.storage import first_line
 
 OPENWEBTEXT_HUB = "Skylion007/openwebtext"  # the Parquet-backed id current `datasets` loads (no script)
 GLUE_HUB = "nyu-mll/glue"
@@ -33,6 +34,53 @@ class Doc:
     label: int | None = None
 
 
+@dataclass(frozen=True)
+class InputFile:
+    url: str
+    split: str | None = None  # glue: the split every record of the file belongs to; None for text sources
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How a source's records become `Doc`s: the `datasets` builder, its options and the record checks.
+
+    Small and picklable on purpose: a Ray worker reads its share of the files with this same object, so every
+    executor turns the same bytes into the same documents."""
+
+    builder: str
+    kind: str  # "text": records with a 'text' field; "pair": GLUE's sentence1, sentence2, label
+    what: str  # names the input in errors
+    hint: str
+    options: tuple[tuple[str, Any], ...] = ()  # extra load_dataset keywords, e.g. (("sample_by", "document"),)
+
+    def doc(self, rec: dict, i: int, split: str | None, what: str | None = None) -> Doc:
+        """One record as a Doc; a record without the fields this source needs is an error naming it."""
+        what = what or self.what
+        if self.kind == "text":
+            if not isinstance(rec.get("text"), str):  # JSON readers fill a field some records lack with None
+                fields = sorted(k for k, v in rec.items() if v is not None)
+                raise SourceError(f"{what}: record {i} has no 'text' field with a string (fields: {fields})")
+            return Doc(split=None, text=rec["text"])
+        missing = {"sentence1", "sentence2", "label"} - set(rec)
+        if missing:
+            raise SourceError(f"{what} {GLUE_SPLITS[split]} record {i}: missing {sorted(missing)} (fields: {sorted(rec)})")
+        return Doc(split=split, text=rec["sentence1"], second=rec["sentence2"], label=int(rec["label"]))
+
+    def docs(self, files: Sequence[InputFile] | None, storage_options: dict | None) -> Iterator[Doc]:
+        """The documents of `files` in order (one `datasets` stream per split), or of the Hub dataset when None."""
+        splits: list[str | None] = list(GLUE_SPLITS) if self.kind == "pair" else [None]
+        for split in splits:
+            kwargs: dict[str, Any] = {"split": GLUE_SPLITS[split] if split else "train", **dict(self.options)}
+            if files is not None:
+                urls = [f.url for f in files if f.split == split]
+                if not urls:
+                    continue
+                kwargs["data_files"] = {kwargs["split"]: urls} if split else urls
+                kwargs["storage_options"] = storage_options
+            for i, rec in enumerate(_stream(self.builder, what=self.what, hint=self.hint, **kwargs)):
+                yield self.doc(rec, i, split)
+
+
 @dataclass
 class Source:
     kind: str  # "text" or "pair"
@@ -40,6 +88,11 @@ class Source:
     total: int | None  # documents, when known, for the progress bar
     columns: dict[str, str]
     description: dict[str, Any]  # what identifies the input, recorded in the manifest's params
+    answers: bool = False  # each document is a problem whose second part ends in its final answer
+    # File sources: the files in reading order and how to read any run of them. An executor that splits the work
+    # (--executor ray) cuts `files` into units; a source without files (the Hub, the generator) is one stream.
+    files: tuple[InputFile, ...] = ()
+    reader: Reader | None = None
 
     def __iter__(self) -> Iterator[Doc]:
         return self.docs()
@@ -57,12 +110,6 @@ def expand_data_files(patterns: list[str], storage_options: dict | None) -> list
             raise SourceError(f"--data_files {pattern!r} matches no file")
         files += [fs.unstrip_protocol(m) if "://" in pattern else m for m in matched]
     return files
-
-
-def first_line(e: Exception, limit: int = 300) -> str:
-    """An exception as the one line our errors quote (library messages can run to pages)."""
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def _stream(builder: str, *, what: str, hint: str, **kwargs) -> Iterator[dict]:
@@ -96,26 +143,20 @@ def text_source(dataset: str, data_files: list[str] | None, storage_options: dic
     if data_files:
         files = expand_data_files(data_files, storage_options)
         builder = _files_builder(files, dataset)
-        kwargs: dict[str, Any] = {"data_files": files, "split": "train", "storage_options": storage_options}
-        if builder == "text":
-            kwargs["sample_by"] = "document"  # one document per file
-        what, hint = f"--data_files {data_files}", "check the files (a 'text' column for json/parquet)"
+        options = (("sample_by", "document"),) if builder == "text" else ()  # text: one document per file
+        reader = Reader(builder, "text", f"--data_files {data_files}",
+                        "check the files (a 'text' column for json/parquet)", options)
+        inputs: tuple[InputFile, ...] = tuple(InputFile(f) for f in files)
         description = {"builder": builder, "data_files": data_files}
     elif dataset == "openwebtext":
-        builder, kwargs = OPENWEBTEXT_HUB, {"split": "train"}
-        what = f"{OPENWEBTEXT_HUB} from the Hugging Face Hub"
-        hint = "offline? pass --data_files with a local or s3 copy (jsonl or parquet with a 'text' column)"
+        reader = Reader(OPENWEBTEXT_HUB, "text", f"{OPENWEBTEXT_HUB} from the Hugging Face Hub",
+                        "offline? pass --data_files with a local or s3 copy (jsonl or parquet with a 'text' column)")
+        inputs = ()
         description = {"hub": OPENWEBTEXT_HUB}
     else:
         raise SourceError(f"--dataset {dataset} needs --data_files (a glob or list of files)")
-
-    def docs() -> Iterator[Doc]:
-        for i, rec in enumerate(_stream(builder, what=what, hint=hint, **kwargs)):
-            if "text" not in rec:
-                raise SourceError(f"{what}: record {i} has no 'text' field (fields: {sorted(rec)})")
-            yield Doc(split=None, text=rec["text"])
-
-    return Source("text", docs, None, {}, description)
+    return Source("text", lambda: reader.docs(inputs or None, storage_options), None, {}, description, inputs,
+                  reader if inputs else None)
 
 
 def glue_source(task: str, data_files: list[str] | None, storage_options: dict | None) -> Source:
@@ -124,26 +165,18 @@ def glue_source(task: str, data_files: list[str] | None, storage_options: dict |
         named = dict(item.split("=", 1) for item in data_files if "=" in item)
         if set(named) != {"train", "validation"}:
             raise SourceError("--data_files for glue must be: train=FILES validation=FILES")
-        files = {k: expand_data_files([v], storage_options) for k, v in named.items()}
-        builder = _files_builder(files["train"], "glue")
-        base = {"data_files": files, "storage_options": storage_options}
-        what, hint = f"--data_files {data_files}", "files need sentence1, sentence2, label columns"
-        description = {"builder": builder, "data_files": named}
+        inputs = tuple(InputFile(f, split) for split, hf_split in GLUE_SPLITS.items()
+                       for f in expand_data_files([named[hf_split]], storage_options))
+        reader = Reader(_files_builder([inputs[0].url], "glue"), "pair", f"--data_files {data_files}",
+                        "files need sentence1, sentence2, label columns")
+        description = {"builder": reader.builder, "data_files": named}
     else:
-        builder, base = GLUE_HUB, {"name": task}
-        what = f"{GLUE_HUB}/{task} from the Hugging Face Hub"
-        hint = "offline? pass --data_files train=FILE validation=FILE with the GLUE columns"
+        reader = Reader(GLUE_HUB, "pair", f"{GLUE_HUB}/{task} from the Hugging Face Hub",
+                        "offline? pass --data_files train=FILE validation=FILE with the GLUE columns", (("name", task),))
+        inputs = ()
         description = {"hub": GLUE_HUB, "task": task}
-
-    def docs() -> Iterator[Doc]:
-        for split, hf_split in GLUE_SPLITS.items():
-            for i, rec in enumerate(_stream(builder, what=what, hint=hint, split=hf_split, **base)):
-                missing = {"sentence1", "sentence2", "label"} - set(rec)
-                if missing:
-                    raise SourceError(f"{what} {hf_split} record {i}: missing {sorted(missing)} (fields: {sorted(rec)})")
-                yield Doc(split=split, text=rec["sentence1"], second=rec["sentence2"], label=int(rec["label"]))
-
-    return Source("pair", docs, None, {"label": "int64"}, description)
+    return Source("pair", lambda: reader.docs(inputs or None, storage_options), None, {"label": "int64"}, description,
+                  inputs, reader if inputs else None)
 
 
 def arithmetic_source(params: ArithmeticParams, seed: int) -> Source:
@@ -151,4 +184,4 @@ def arithmetic_source(params: ArithmeticParams, seed: int) -> Source:
         for split, problem, solution in generate(params, seed):
             yield Doc(split=split, text=problem + "=", second=solution)
 
-    return Source("pair", docs, params.n_train + params.n_val, {}, {"generator": "arithmetic"})
+    return Source("pair", docs, params.n_train + params.n_val, {}, {"generator": "arithmetic"}, answers=True)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from preprocess.sources import first_line
+from shards.storage import first_line
 
 CHAR_TOKENIZER = "char"
 # The built-in arithmetic alphabet; the specials come first so pad is 0 and eos is 1.

@@ -25,7 +25,7 @@ from shards.shuffle import EpochOrder
 from shards.verify import VerifyError, check_shard_arrays
 
 STATE_VERSION = 1
-DEFAULT_BLOCK_SHARDS = 16  # shards per shuffle block for remote data (MosaicML advises blocks >= 10 shards)
+DEFAULT_BLOCK_SHARDS = 16  # shards per shuffle block (MosaicML advises blocks >= 10 shards)
 READ_SAMPLES = 1024  # samples read from the shards in one go (2 MB staging buffers for 1,024 uint16 tokens)
 MESSAGE_SAMPLES = 256  # samples per worker-to-loader message: 8 batches of 32 moved 2x faster than 1 or 64
 
@@ -39,10 +39,11 @@ def _distributed() -> tuple[int, int]:
 class StreamingDataset(IterableDataset):
     """One split of a dataset folder written by `preprocess`, read by one rank.
 
-    `shuffle_block` picks the shuffle: 0 permutes the whole split (the default for local Arrow, where memory
-    maps make any access pattern cheap); k > 0 shuffles within blocks of k shards (the default, 16, for
-    remote or WebDataset data, so a node only needs a block's shards at a time). `cache_limit` (bytes) must
-    hold two blocks (the one being read and the one being prefetched), or the whole split for a full shuffle.
+    `shuffle_block` picks the shuffle: k > 0 shuffles within blocks of k shards (the default, 16, so a node
+    only needs a block's shards at a time), 0 permutes the whole split (best mixing; meant for local Arrow,
+    where memory maps make any access pattern cheap). The order depends on nothing else: where the data sits
+    (a local copy or object storage) and its format never change it. `cache_limit` (bytes) must hold two
+    blocks (the one being read and the one being prefetched), or the whole split for a full shuffle.
     `retries` and `download_threads` (per process) tune remote reads: against a local S3 server on 2 cores
     2 threads beat 4 and 8; a real object store, where each connection is slow, wants more.
     `manifest`: the dataset's manifest when the caller has loaded it already (one GET fewer per loader).
@@ -62,7 +63,7 @@ class StreamingDataset(IterableDataset):
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | None = None,
         cache_limit: int | None = None,
-        shuffle_block: int | None = None,
+        shuffle_block: int = DEFAULT_BLOCK_SHARDS,
         retries: int = 4,
         download_threads: int = 2,
         manifest: Manifest | None = None,
@@ -77,8 +78,6 @@ class StreamingDataset(IterableDataset):
         self.cache = ShardCache(
             path_or_url, self.shards, storage_options, cache_dir, cache_limit, retries, prefetch_threads=download_threads
         )
-        if shuffle_block is None:
-            shuffle_block = 0 if self.cache.local and self.manifest.format == "arrow" else DEFAULT_BLOCK_SHARDS
         if shuffle_block < 0:
             raise ValueError(f"shuffle_block must be >= 0, got {shuffle_block}")
         self.shuffle_mode = "none" if not shuffle else "full" if shuffle_block == 0 else "block"

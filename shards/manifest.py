@@ -13,7 +13,8 @@ import fsspec
 
 from shards import storage
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added `answers`; a version-1 manifest is read with answers inferred (only arithmetic had them)
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("arrow", "webdataset")
 LAYOUTS = ("packed", "padded")
@@ -66,6 +67,9 @@ class Manifest:
     params: dict[str, Any]
     splits: dict[str, SplitInfo]
     package_version: str
+    # Each window holds one problem and its worked solution, ending in a final answer after the last separator
+    # (arithmetic): what answer accuracy and solution steps are scored on. GLUE pairs and text have none.
+    answers: bool = False
     format_version: int = FORMAT_VERSION
 
     @property
@@ -78,11 +82,13 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "manifest") -> "Manifest":
         try:
-            if d.get("format_version") != FORMAT_VERSION:
+            if d.get("format_version") not in READABLE_VERSIONS:
                 raise ManifestError(
-                    f"{source}: format_version {d.get('format_version')!r} is not {FORMAT_VERSION}; "
+                    f"{source}: format_version {d.get('format_version')!r} is not one of {READABLE_VERSIONS}; "
                     "re-run preprocess with --overwrite"
                 )
+            if d["format_version"] == 1:
+                d = {**d, "answers": d["params"].get("dataset") == "arithmetic", "format_version": FORMAT_VERSION}
             splits = {
                 name: SplitInfo(**{**s, "shards": [ShardInfo(**x) for x in s["shards"]]})
                 for name, s in d["splits"].items()

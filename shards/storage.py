@@ -18,6 +18,12 @@ class StorageError(RuntimeError):
     """A read or write failed; the message names the path."""
 
 
+def first_line(e: Exception, limit: int = 300) -> str:
+    """An exception as the one line our errors quote (library messages can run to pages)."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return the filesystem for `url` and the path inside it (no protocol)."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))

@@ -17,7 +17,8 @@ def summary_lines(m: Manifest, url: str) -> list[str]:
     lines = [
         f"{url}: {m.name} ({m.format}, format v{m.format_version}, package {m.package_version})",
         f"  window {m.window} = cmp_len {m.cmp_len} + seq_len {m.seq_len}, dtype {m.dtype}, vocab {m.vocab_size}, "
-        f"pad {m.pad_id}, eos {m.eos_id}, {len(m.separator_ids)} separator ids",
+        f"pad {m.pad_id}, eos {m.eos_id}, {len(m.separator_ids)} separator ids, "
+        f"{'one problem and its answer per window' if m.answers else 'no final answers'}",
         f"  tokenizer {m.tokenizer.get('name')} (sha256 {m.tokenizer.get('sha256', '')[:12]})",
     ]
     for name, s in m.splits.items():

@@ -23,6 +23,13 @@ def shard_path(split: str, index: int, fmt: str) -> str:
     return f"{split}/shard-{index:05d}{SHARD_SUFFIX[fmt]}"
 
 
+def samples_per_shard(fmt: str, window: int, dtype: str, n_extra_columns: int, shard_size: int) -> int:
+    """Samples in every shard but a split's last. A function of the byte budget and the window alone, so a planner
+    that never sees the windows (preprocess --executor ray) cuts the same shards as the writer."""
+    per_sample = formats.bytes_per_sample(fmt, window, np.dtype(dtype).itemsize, n_extra_columns)
+    return max(1, shard_size // per_sample)
+
+
 class ShardWriter:
     def __init__(
         self,
@@ -40,8 +47,7 @@ class ShardWriter:
     ):
         self.fs, self.root, self.split, self.fmt = fs, root, split, fmt
         self.window, self.dtype, self.extra_columns = window, np.dtype(dtype), list(extra_columns)
-        per_sample = formats.bytes_per_sample(fmt, window, self.dtype.itemsize, len(extra_columns))
-        self.samples_per_shard = max(1, shard_size // per_sample)
+        self.samples_per_shard = samples_per_shard(fmt, window, dtype, len(extra_columns), shard_size)
         self.on_commit = on_commit
         self.next_shard, self.next_sample = first_shard, first_sample
         self._tokens: list[np.ndarray] = []

@@ -25,15 +25,19 @@ def s3_server():
     server.stop()
 
 
+def s3_options(endpoint: str) -> dict:
+    """storage_options for the test server. A socket read that stalls for 5 s fails and is retried (botocore
+    waits 60 s by default), so one stuck response from the in-process server costs seconds, not the test."""
+    return {"key": S3_KEY, "secret": S3_SECRET, "client_kwargs": {"endpoint_url": endpoint},
+            "config_kwargs": {"connect_timeout": 5, "read_timeout": 5}}
+
+
 @pytest.fixture
 def s3_bucket(s3_server):
-    """A fresh bucket; yields (url prefix "s3://bucket", storage_options for fsspec). A socket read that stalls
-    for 5 s fails and is retried (botocore waits 60 s by default), so one stuck response from the in-process
-    server costs seconds, not the test."""
+    """A fresh bucket; yields (url prefix "s3://bucket", storage_options for fsspec)."""
     import s3fs
 
-    opts = {"key": S3_KEY, "secret": S3_SECRET, "client_kwargs": {"endpoint_url": s3_server},
-            "config_kwargs": {"connect_timeout": 5, "read_timeout": 5}}
+    opts = s3_options(s3_server)
     fs = s3fs.S3FileSystem(**opts)
     bucket = f"test-{uuid.uuid4().hex[:10]}"
     fs.mkdir(bucket)
@@ -105,7 +109,7 @@ def write_dataset(
         pad_id=0, eos_id=synthetic.EOS if arith else 1, separator_ids=[synthetic.SEP],
         layout="padded" if arith else "packed", columns={"label": "int64"} if with_label else {},
         tokenizer={"name": "none", "sha256": "", "path": "tokenizer"}, params={}, splits=splits,
-        package_version="test",
+        package_version="test", answers=arith,
     )
     save_manifest(fs, root, m)
 

@@ -53,6 +53,17 @@ def test_each_row_is_blotched_at_its_level_and_led_by_its_token(spacing):
     assert not blotch(ids, sids, 0, spec, train=False).blotched.any()  # the lowest level by default
 
 
+def test_validation_is_never_blotched_even_when_the_lowest_level_blotches():
+    """With blotch_p_min > 0, evaluation reads whole windows led by the lowest level's token, unless a level is
+    asked for explicitly."""
+    spec = dataclasses.replace(SPEC, levels=(0.5, 1.0))
+    ids = torch.from_numpy(synthetic.arithmetic_rows(32, C, S, seed=4, max_terms=6).astype("int64"))
+    sids = torch.arange(32)
+    v = blotch(ids, sids, 0, spec, train=False)
+    assert not v.blotched.any() and (v.input_ids[:, 0] == synthetic.VOCAB).all()
+    assert blotch(ids, sids, 0, spec, train=False, level=0).blotched.any()
+
+
 def test_trains_and_evaluates_at_a_level(tmp_path):
     from tests.conftest import write_dataset
     from train import checkpoint
@@ -68,11 +79,16 @@ def test_trains_and_evaluates_at_a_level(tmp_path):
     assert checkpoint.load(folder)["model"]["embed.weight"].shape[0] == synthetic.VOCAB + 3
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}
-    p = subprocess.run([sys.executable, "-m", "train.eval", folder, "--blotch_level", "1"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "train.eval", folder, "--blotch_level", "all", "--temperature", "0",
+                        "0.7", "--gen_samples", "12", "--batch_size", "5"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    report = json.load(open(os.path.join(folder, "eval_val_level1_step6.json")))
-    assert report["blotch_level"] == 1.0 and {"gen_steps", "answer_acc", "loss"} <= set(report)
+    report = json.load(open(os.path.join(folder, "eval_val_step6.json")))
+    grid = [(r["blotch_level"], r["temperature"]) for r in report["results"]]
+    assert grid == [(level, t) for level in (0.0, 0.5, 1.0) for t in (0.0, 0.7)] and "loss" in report
+    assert all(r["samples"] == 12 and {"gen_steps", "answer_acc", "len_diff_pct", "no_eos"} <= set(r)
+               for r in report["results"])
+    assert "| 0.50 | 0.7 |" in p.stdout  # the printed table
     p = subprocess.run([sys.executable, "-m", "train.eval", folder, "--blotch_level", "0.3"], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.strip() == "error: --blotch_level: 0.3 is not one of the run's levels " \

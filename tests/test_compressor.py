@@ -8,8 +8,8 @@ from tests import synthetic
 from train.blotch import IGNORE, BlotchSpec, blotch
 from train.compressor import Compressor, layer_index
 from train.config import Config, ConfigError
-from train.generate import greedy
-from train.model import build_model, model_view
+from train.generate import generate
+from train.build import build_model
 
 C, S = 16, 32
 LLAMA = {"model_type": "compressor", "hf_model": "llama", "cmp_len": C, "n_cmps": 2,
@@ -36,7 +36,7 @@ def test_view_matches_a_plain_reference(rmb_task, rmb_only, pad_pos_skip):
     spec = BlotchSpec(**{**SPEC.__dict__, "pad_pos_skip": pad_pos_skip})
     v = blotch(ids, torch.arange(len(ids)), 0, spec)
     assert v.blotched.any()
-    w = model_view(m, v)
+    w = m.view(v)
     for b in range(len(ids)):
         row, keep = ids[b].tolist(), (v.valid[b] & ~v.blotched[b]).tolist()
         cmp = [t for j, t in enumerate(row[:C]) if keep[j]]
@@ -58,7 +58,7 @@ def test_context_flows_only_through_the_attended_vectors():
     """The continuation's logits depend on the cmp tokens (the appended vectors are attended, unlike the
     original's bug B22), and only through the compressed vectors."""
     m = compressor().eval()
-    w = model_view(m, blotch(windows(), torch.arange(6), 0, SPEC, train=False))
+    w = m.view(blotch(windows(), torch.arange(6), 0, SPEC, train=False))
     out = m(w.input_ids, w.position_ids, w.mask)
     changed = w.input_ids.clone()
     changed[:, 0] = (changed[:, 0] + 1) % synthetic.VOCAB
@@ -75,7 +75,7 @@ def test_base_frozen_unless_train_base(train_base):
     m = compressor(train_base=train_base, proj_cmpr=True, proj_hid_mult=2)
     before = {k: p.detach().clone() for k, p in m.named_parameters()}
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    w = model_view(m, blotch(windows(), torch.arange(6), 0, SPEC))
+    w = m.view(blotch(windows(), torch.arange(6), 0, SPEC))
     logits = m(w.input_ids, w.position_ids, w.mask)
     keep = w.targets != IGNORE
     torch.nn.functional.cross_entropy(logits[keep], w.targets[keep]).backward()
@@ -102,7 +102,7 @@ def test_cached_decoding_matches_recomputation():
     m = compressor(proj_cmpr=True).eval()
     ids = windows(3)[:, :C]
     mask = ids != synthetic.PAD
-    out = greedy(m, ids, mask, 5, stop_id=-1, pad_id=0)
+    out = generate(m, ids, mask, 5, stop_id=-1, pad_id=0)
     for b in range(3):
         cmp = [t for t, k in zip(ids[b].tolist(), mask[b].tolist()) if k]
         assert out[b].tolist() == naive_greedy(m, cmp, 5)
@@ -143,14 +143,14 @@ def test_model_parallel_device_map_gives_the_same_model():
     """model_parallel loads the base through accelerate's device_map (all on the CPU here): same outputs."""
     plain, sharded = compressor().eval(), compressor(model_parallel=True).eval()
     assert hasattr(sharded.base, "hf_device_map")
-    w = model_view(plain, blotch(windows(), torch.arange(6), 0, SPEC))
+    w = plain.view(blotch(windows(), torch.arange(6), 0, SPEC))
     torch.testing.assert_close(sharded(w.input_ids, w.position_ids, w.mask), plain(w.input_ids, w.position_ids, w.mask))
     # evaluation of a checkpoint: load on the CPU, then shard with layers offloaded to disk
-    from train.parallel import shard_loaded
+    from train.parallel import place
 
     other = build_model(Config(**LLAMA), synthetic.VOCAB, C + S).eval()
     other.load_state_dict(plain.state_dict())
-    shard_loaded(other, Config(**LLAMA, model_parallel=True, max_memory={"cpu": "40KB"}))
+    place(other, Config(**LLAMA, model_parallel=True, max_memory={"cpu": "40KB"}))
     assert "disk" in other.base.hf_device_map.values()
     torch.testing.assert_close(other(w.input_ids, w.position_ids, w.mask), plain(w.input_ids, w.position_ids, w.mask))
 
@@ -176,7 +176,7 @@ def test_ddp_two_gloo_processes_match_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     procs = []
     for name, extra, launcher in (("one", {"batch_size": 8, "val_batch_size": 8}, []),
-                                  ("two", {"batch_size": 4, "val_batch_size": 4, "multi_gpu": True},
+                                  ("two", {"batch_size": 4, "val_batch_size": 8, "multi_gpu": True},
                                    ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({**common, **extra, "exp_name": name}))
@@ -203,7 +203,7 @@ def test_reference_points(rmb_task):
     m = compressor(rmb_task=rmb_task).eval()
     ids = windows()
     sums = m.reference_sums(ids, SPEC)
-    w = model_view(m, blotch(ids, torch.zeros(6, dtype=torch.long), 0, SPEC, train=False))
+    w = m.view(blotch(ids, torch.zeros(6, dtype=torch.long), 0, SPEC, train=False))
     whole = token_loss(m(w.input_ids, w.position_ids, w.mask), w.targets)
     cont = int((w.columns >= C).sum())
     assert sums["cmp_ctx_count"] == cont and (whole.count > cont) == rmb_task

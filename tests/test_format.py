@@ -69,3 +69,18 @@ def test_dataset_on_s3(s3_bucket, make_dataset):
     m = load_manifest(fs, root)
     assert verify(fs, root, m) == {"train": 12}
     assert [s.samples for s in m.splits["train"].shards] == [10, 2]
+
+
+def test_version_1_manifests_are_read_with_answers_inferred(tmp_path, make_dataset):
+    """Format 2 added `answers`; before it only arithmetic data had final answers."""
+    import json
+
+    make_dataset(str(tmp_path / "d"), {"train": 10}, cmp_len=2, seq_len=4)
+    path = tmp_path / "d" / "manifest.json"
+    for dataset, answers in (("arithmetic", True), ("glue", False)):
+        d = json.loads(path.read_text())
+        d.pop("answers", None)
+        d.update(format_version=1, params={"dataset": dataset})
+        path.write_text(json.dumps(d))
+        m = load_manifest(*storage.open_fs(str(tmp_path / "d")))
+        assert m.answers is answers and m.format_version == 2

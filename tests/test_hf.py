@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from train import checkpoint
 from train.config import Config, ConfigError
-from train.generate import greedy
-from train.model import build_model
+from train.generate import generate
+from train.build import build_model
 from train.runlog import read_metrics
 
 LLAMA = {"model_type": "hf", "hf_model": "llama",
@@ -24,6 +26,20 @@ V, W = 23, 20
 def hf(kind: dict, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(Config(**{**kind, **kw}), V, W).eval()
+
+
+@pytest.mark.parametrize("kind", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_positions_with_gaps_are_one_sequence(kind):
+    """Positions that jump (an excised step with pad_pos_skip false, a level token before the window's columns)
+    do not start a new sequence: training's logits equal those with an explicit mask and those of decoding.
+    Without a mask, transformers reads each jump as a packed-sequence boundary."""
+    m = hf(kind)
+    ids = torch.randint(1, V, (2, 8))
+    pos = torch.tensor([[0, 1, 2, 6, 7, 8, 9, 10], [0, 5, 6, 7, 8, 9, 10, 11]])
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    explicit = m.model(input_ids=ids, position_ids=pos, attention_mask=mask.long(), use_cache=False).logits
+    torch.testing.assert_close(m(ids, pos, mask), explicit)
+    torch.testing.assert_close(m.decode(ids, pos, mask)[0], explicit)
 
 
 @pytest.mark.parametrize("kind", [LLAMA, GPT2], ids=["llama", "gpt2"])
@@ -72,7 +88,7 @@ def test_kv_cache_greedy_matches_recomputation(kind):
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts])
-    out = greedy(m, ids, mask, 6, stop_id=-1, pad_id=0)
+    out = generate(m, ids, mask, 6, stop_id=-1, pad_id=0)
     for row, p in zip(out.tolist(), prompts):
         assert row == naive_greedy(m, p, 6)
 
@@ -82,7 +98,7 @@ def test_stop_token_pads_the_rest():
     ids = torch.tensor([[3, 4, 5]])
     free = naive_greedy(m, [3, 4, 5], 6)
     stop = free[2]
-    out = greedy(m, ids, torch.ones_like(ids, dtype=torch.bool), 6, stop_id=stop, pad_id=0)[0].tolist()
+    out = generate(m, ids, torch.ones_like(ids, dtype=torch.bool), 6, stop_id=stop, pad_id=0)[0].tolist()
     first = free.index(stop)
     assert out == free[: first + 1] + [0] * (5 - first)
 
@@ -106,7 +122,7 @@ def test_pretrained_from_a_local_folder_resizes_vocab(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"hf_config": {"n_layers": 2}}, "config key 'hf_config': GPT2Config has no attribute 'n_layers'"),
     ({"hf_config": {"vocab_size": 50257}}, "config key 'hf_config': vocab_size comes from the dataset"),
-    ({"hf_config": {"n_positions": 8}}, "config key 'hf_config': gpt2 has 8 positions, fewer than the window 20"),
+    ({"hf_config": {"n_positions": 8}}, "config key 'hf_config': gpt2 has 8 positions, fewer than the 20 tokens of a row"),
     ({"hf_model": "/nonexistent/model.gguf"}, "config key 'hf_model': /nonexistent/model.gguf not found"),
 ])
 def test_hf_config_errors(overrides, message):
@@ -140,7 +156,7 @@ def test_device_map_spill_refuses_training_but_evaluation_shards_a_loaded_model(
     """model_parallel with a memory cap too small for the model: training refuses the map (offloaded weights
     could not be updated); `python -m train.eval` builds the model on the CPU, loads the checkpoint, then shards
     it with layers offloaded to disk, and the outputs do not change."""
-    from train.parallel import shard_loaded
+    from train.parallel import place
 
     kind = {**LLAMA, "hf_config": {**LLAMA["hf_config"], "num_hidden_layers": 4}, "model_parallel": True}
     whole = hf(kind)  # no cap: every layer on the CPU
@@ -154,7 +170,7 @@ def test_device_map_spill_refuses_training_but_evaluation_shards_a_loaded_model(
     other = build_model(Config(**{**kind, "model_parallel": False}), V, W).eval()
     assert not torch.allclose(other(*args), whole(*args))
     other.load_state_dict(whole.state_dict())
-    sharded = shard_loaded(other, Config(**kind, max_memory=cap))
+    sharded = place(other, Config(**kind, max_memory=cap))
     assert "disk" in sharded.model.hf_device_map.values()
     torch.testing.assert_close(sharded(*args), whole(*args))
 
@@ -206,8 +222,12 @@ def test_eval_cli_report_matches_the_loop(arith, tmp_path):
     assert p.returncode == 0, p.stderr
     report = json.load(open(os.path.join(folder, "eval_val_step6.json")))
     val = rows[-1]
-    for key in ("loss", "acc", "gen_acc", "answer_acc", "gen_steps", "ref_steps"):
+    for key in ("loss", "acc"):
         assert report[key] == pytest.approx(val[key], rel=1e-6), key
+    (greedy,) = report["results"]  # the lowest level, temperature 0: what validation decodes
+    assert greedy["temperature"] == 0 and greedy["samples"] == val["gen_samples"] == 16
+    for key in ("gen_acc", "answer_acc", "gen_steps", "ref_steps"):
+        assert greedy[key] == pytest.approx(val[key], rel=1e-6), key
     assert report["split"] == "val" and report["step"] == 6
     bad = subprocess.run([sys.executable, "-m", "train.eval", folder, "--blotch_level", "0.5"], cwd=root,
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root}, timeout=300)
@@ -235,7 +255,7 @@ def test_resume_is_exact_with_dropout(arith, tmp_path):
     kw = dict(GPT2, blotch_p=0.3, lr_schedule="constant", n_train_loops=3)
     _, full = run(arith, tmp_path, exp_name="full", **{**kw, "n_epochs": 2})
     folder, _ = run(arith, tmp_path, exp_name="cut", **kw)
-    from train.__main__ import resume_config
+    from train.config import resume_config
 
     cfg = resume_config(folder, {"n_epochs": 2})
     train(cfg, folder, checkpoint.load(folder))
@@ -253,5 +273,53 @@ def test_greedy_with_padding_inside_the_prompt(kind):
     m = hf(kind)
     ids = torch.tensor([[7, 0, 0, 3, 4], [7, 0, 9, 2, 5]])
     mask = torch.tensor([[True, False, False, True, True], [True, False, True, True, True]])
-    out = greedy(m, ids, mask, 5, stop_id=-1, pad_id=0)
+    out = generate(m, ids, mask, 5, stop_id=-1, pad_id=0)
     assert out[0].tolist() == naive_greedy(m, [7, 3, 4], 5) and out[1].tolist() == naive_greedy(m, [7, 9, 2, 5], 5)
+
+
+def fake_hub(tmp_path, repo: str, config: dict) -> str:
+    """A Hugging Face cache folder holding `repo`'s config.json, laid out as a download leaves it: what
+    `from_pretrained(repo)` reads offline."""
+    folder = tmp_path / "hub" / f"models--{repo}"
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(config))
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+    return str(tmp_path / "hub")
+
+
+HUB_GPT2 = {"model_type": "gpt2", "n_layer": 3, "n_embd": 48, "n_head": 4, "n_positions": 1024, "vocab_size": 50257}
+
+
+def in_subprocess(code: str, hub: str) -> subprocess.CompletedProcess:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "HF_HUB_CACHE": hub, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_pretrained_hub_name_reads_the_hub_config(tmp_path):
+    """`hf_model: "gpt2", pretrained: true` is the Hub's gpt2 (its config here), not GPT2Config's defaults."""
+    hub = fake_hub(tmp_path, "gpt2", HUB_GPT2)
+    p = in_subprocess(["-c", "from train.config import Config\nfrom train.hf_model import hf_config\n"
+                             "c = hf_config(Config(model_type='hf', hf_model='gpt2', pretrained=True), None)\n"
+                             "print(c.n_layer, c.n_embd)"], hub)
+    assert p.returncode == 0 and p.stdout.split() == ["3", "48"], p.stderr
+    missing = in_subprocess(["-c", "from train.config import Config\nfrom train.hf_model import hf_config\n"
+                                   "hf_config(Config(model_type='hf', hf_model='gpt2-xl', pretrained=True), None)"], hub)
+    assert "ConfigError: config key 'hf_model': cannot load 'gpt2-xl'" in missing.stderr
+
+
+def test_a_level_token_beyond_the_positions_fails_before_the_run(tmp_path, make_dataset):
+    """configs/openwebtext_hf.json with blotch_tokens: GPT-2's 1024 positions cannot hold a 1024-token window
+    and its level token; `python -m train` says so before any run folder exists (it used to fail at the first
+    step, a device assert on GPU)."""
+    make_dataset(str(tmp_path / "owt"), {"train": 4, "val": 2}, cmp_len=64, seq_len=960, vocab_size=50257)
+    hub = fake_hub(tmp_path, "gpt2", HUB_GPT2)
+    args = ["-m", "train", "configs/openwebtext_hf.json", "--data_root", str(tmp_path), "--dataset", "owt",
+            "--save_root", str(tmp_path / "runs"), "--multi_gpu", "false", "--device", "cpu"]
+    p = in_subprocess([*args, "--blotch_tokens", "true"], hub)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        "error: config key 'hf_config': gpt2 has 1024 positions, fewer than the 1025 tokens of a row (the window "
+        "and a blotch-level token)")
+    assert not os.path.exists(tmp_path / "runs")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from train.blotch import IGNORE
 from train.config import Config
 from train.loss import token_loss
-from train.model import build_model
+from train.build import build_model
 
 V, W = 17, 12
 
@@ -35,7 +35,7 @@ def test_causal_and_padding_invariant(posenc):
     padded = torch.cat([ids, torch.zeros(3, 5, dtype=torch.long)], 1)
     pmask = torch.cat([mask, torch.zeros(3, 5, dtype=torch.bool)], 1)
     pmask[2] = False
-    pout = m(padded, torch.arange(W + 5).expand(3, W + 5), pmask)
+    pout = m(padded, torch.arange(W + 5).clamp(max=W - 1).expand(3, W + 5), pmask)  # padding repeats the last
     assert torch.isfinite(pout).all()
     torch.testing.assert_close(pout[:2, :W], out[:2])
     # holes in the key mask hide those keys
@@ -45,20 +45,27 @@ def test_causal_and_padding_invariant(posenc):
     assert torch.equal(m(ids, pos, None), out)
 
 
-def test_rand_posenc_random_in_training_plain_in_eval():
-    m = model(posenc_type="RandPositionalEncoding", max_posencs=40)
-    pos = torch.arange(W).expand(2, W)
-    torch.testing.assert_close(m.posenc(pos), m.posenc.table[:W].expand(2, W, 32))
-    m.posenc.train()
+def test_rand_posenc_random_in_training_its_mean_in_eval():
+    """Training reads a sorted random subset of the table's rows; evaluation reads the rows training uses on
+    average, spread over the whole table (not rows 0..S-1, which training almost never draws)."""
+    m = model(posenc_type="RandPositionalEncoding", max_posencs=120)
+    pe, pos = m.posenc, torch.arange(W).expand(2, W)
+    torch.testing.assert_close(m.posenc(pos), pe.table[pe.rows(pos)])
+    assert pe.rows(pos)[0].tolist() == [round((i + 1) * 121 / (W + 1)) - 1 for i in range(W)]
+    pe.train()
     torch.manual_seed(1)
-    a = m.posenc(pos)
+    a = pe(pos)
     torch.manual_seed(1)
-    assert torch.equal(m.posenc(pos), a)  # deterministic given the RNG state
-    rows = [[int((m.posenc.table == r).all(1).nonzero()) for r in seq] for seq in a]
+    assert torch.equal(pe(pos), a)  # deterministic given the RNG state
+    rows = [[int((pe.table == r).all(1).nonzero()) for r in seq] for seq in a]
     assert all(r == sorted(r) and len(set(r)) == W for r in rows) and rows[0] != rows[1]
-    assert max(max(r) for r in rows) >= W  # really a subset of the whole table, not 0..W-1
+    drawn = pe.rows(torch.arange(W).expand(4000, W)).double().mean(0)
+    pe.eval()
+    assert (drawn - pe.rows(pos)[0]).abs().max() < 1.5 and pe.rows(pos)[0, -1] > 100
     with pytest.raises(ValueError, match="max_posencs"):
-        m.posenc(torch.arange(41)[None])
+        m.posenc(torch.arange(121)[None])
+    with pytest.raises(ValueError, match="beyond the 12 positions of a row"):
+        m.posenc(torch.arange(13)[None])
 
 
 def test_learnable_posencs_and_tied_weights():

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from train.config import Config
-from train.model import build_model
+from train.build import build_model
 from train.optim import Schedule, build_optimizer
 
 
@@ -25,6 +25,14 @@ def test_inverse_sqrt_and_constant():
     _, v = lrs(warmup_steps=4, lr_schedule="inverse_sqrt", min_lr=0.3)
     assert v[3] == pytest.approx(1.0) and v[15] == pytest.approx(0.5) and v[99] == pytest.approx(0.3)
     assert set(lrs(lr_schedule="constant")[1]) == {1.0}
+
+
+def test_inverse_power_is_the_papers_schedule():
+    """Chain of Shortcuts: 2,500 warmup steps, then 0.0045 * (2500 / step) ** 0.1."""
+    s = Schedule(Config(lr=0.0045, warmup_steps=2500, lr_schedule="inverse_power", lr_decay_exp=0.1), 31000)
+    assert s.lr(1249) == pytest.approx(0.0045 / 2)
+    for step in (2500, 10000, 31000):
+        assert s.lr(step - 1) == pytest.approx(0.0045 * (2500 / step) ** 0.1)
 
 
 def test_plateau_divides_after_patience_and_resumes():

@@ -65,6 +65,18 @@ def test_arithmetic_steps_are_equalities():
     assert solve([802, 203]) == ["2+800+203", "3+2+800+200", "5+800+200", "805+200", "1005"]
 
 
+def test_arithmetic_operand_options():
+    """The paper's task: a third operand with a given probability, sums up to 5,000, products of single digits."""
+    p = ArithmeticParams(n_train=3000, n_val=100, min_ents=2, max_ents=3, p_more_ents=0.25, max_num=5001,
+                         p_mult=0.5, max_mult_num=8, max_mult_left=8)
+    problems = [problem.split("+") for _, problem, _ in generate(p, seed=2)]
+    assert abs(sum(len(t) == 3 for t in problems) / len(problems) - 0.25) < 0.03
+    terms = [t for terms in problems for t in terms]
+    products = [tuple(map(int, t.split("*"))) for t in terms if "*" in t]
+    assert abs(len(products) / len(terms) - 0.5) < 0.03 and max(max(f) for f in products) == 7
+    assert max(int(t) for t in terms if "*" not in t) > 4900
+
+
 def test_arithmetic_val_never_in_train(tmp_path):
     assert main(["--dataset", "arithmetic", "--data_root", str(tmp_path), "--n_train", "3000", "--n_val", "300",
                  "--max_num", "30", "--cmp_len", "8", "--seq_len", "40"]) == 0
@@ -83,7 +95,7 @@ def test_arithmetic_val_never_in_train(tmp_path):
         problem = tok.decode(row[: m.cmp_len], skip_special_tokens=True)[:-1]
         assert int(text.split("=")[-1]) == eval(problem)
     assert problems["val"] and not problems["val"] & problems["train"]
-    assert m.splits["val"].documents == 300 and m.layout == "padded"
+    assert m.splits["val"].documents == 300 and m.layout == "padded" and m.answers
     total = m.splits["train"].windows + m.splits["train"].too_long
     assert total == 3000
 
@@ -217,7 +229,7 @@ def test_glue_from_local_files(tmp_path, gpt2_tokenizer_dir):
                  "--data_root", str(tmp_path), "--cmp_len", "8", "--seq_len", "8"]) == 0
     m = load_manifest(*storage.open_fs(str(tmp_path / "glue")))
     train = read_split(str(tmp_path / "glue"), "train")
-    assert m.splits["train"].too_long == 1 and m.columns == {"label": "int64"}
+    assert m.splits["train"].too_long == 1 and m.columns == {"label": "int64"} and not m.answers
     assert train["label"].tolist() == [1, 1] and m.splits["val"].windows == 1
     from transformers import AutoTokenizer
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from train.config import Config
-from train.generate import greedy
-from train.model import build_model
+from train.generate import generate
+from train.build import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,7 +47,7 @@ def test_pretrained_gguf_decodes_and_trains(gguf_path):
     model = build_model(cfg, len(tok), 64).eval()
     assert type(model.model).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in model.parameters()) > 1e8
     ids = torch.tensor([tok("The capital of France is")["input_ids"]])
-    out = greedy(model, ids, torch.ones_like(ids, dtype=torch.bool), 3, stop_id=tok.eos_token_id,
+    out = generate(model, ids, torch.ones_like(ids, dtype=torch.bool), 3, stop_id=tok.eos_token_id,
                  pad_id=tok.eos_token_id)
     assert tok.decode(out[0]).startswith(" Paris")
     # blotching's excision shows up as position gaps; a pretrained model still reads the text

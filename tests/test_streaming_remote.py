@@ -169,3 +169,23 @@ def test_ddp_two_processes(tmp_path, make_dataset):
     seen = results[0]["ids"] + results[1]["ids"]
     assert len(seen) == len(set(seen)) == 48
     assert results[0]["state"] == results[1]["state"]
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "webdataset"])
+def test_local_and_s3_copies_give_the_same_order(s3_bucket, make_dataset, tmp_path, fmt):
+    """The order is a function of (seed, epoch, the manifest's shards, shuffle_block) only: a dataset copied to
+    object storage trains on the same order, for the default shuffle and for a full permutation."""
+    url, opts = s3_bucket
+    make_dataset(str(tmp_path / "ds"), {"train": 120}, fmt=fmt, samples_per_shard=10, vocab_size=VOCAB)
+    make_dataset(f"{url}/ds", {"train": 120}, fmt=fmt, samples_per_shard=10, vocab_size=VOCAB, storage_options=opts)
+    for block in ({}, {"shuffle_block": 0}):
+        orders = []
+        for where, kw in ((str(tmp_path / "ds"), {}), (f"{url}/ds", {"storage_options": opts,
+                                                                     "cache_dir": str(tmp_path / "cache")})):
+            ds = StreamingDataset(where, seed=3, **block, **kw)
+            epochs = []
+            for epoch in (0, 1):
+                ds.set_epoch(epoch)
+                epochs.append(read_all(ds, 4))
+            orders.append(epochs)
+        assert orders[0] == orders[1] and orders[0][0] != orders[0][1] and sorted(orders[0][0]) == list(range(120))

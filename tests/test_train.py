@@ -86,6 +86,8 @@ def test_outputs_and_learning(arith, tmp_path):
     assert train_rows[0]["lr"] == pytest.approx(cfg.lr / 2)  # warmup
     log = open(os.path.join(folder, "training_log.txt")).read()
     assert "⟦" in log and "‖" in log and "val loss" in log
+    summary = log[log.index("done after 24 steps:"):]
+    assert "answer accuracy" in summary and "solved example" in summary  # what matters leads
     assert folder.endswith("run_0") and run_inline(cfg)[0].endswith("run_1")
 
 
@@ -146,10 +148,13 @@ def test_resume_after_kill_is_exact(arith, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one(arith, tmp_path):
-    """2 ranks x batch 8 == 1 rank x batch 16; one pass per epoch with a partial accumulation tail; no hang."""
-    common = dict(n_train_loops=None, n_grad_loops=4, n_epochs=2)
-    one_cfg = config(arith, tmp_path, exp_name="one", batch_size=16, val_batch_size=16, **common)
-    two_cfg = config(arith, tmp_path, exp_name="two", batch_size=8, val_batch_size=8, multi_gpu=True, **common)
+    """2 ranks x batch 8 == 1 rank x batch 16; one pass per epoch with a partial accumulation tail; no hang.
+    Validation is global (val_batch_size and max_val_loops count global batches), so both validate on the same
+    samples and a plateau schedule takes the same path."""
+    common = dict(n_train_loops=None, n_grad_loops=4, n_epochs=2, val_batch_size=16, lr_schedule="plateau",
+                  patience=1, gen_val_samples=24)
+    one_cfg = config(arith, tmp_path, exp_name="one", batch_size=16, **common)
+    two_cfg = config(arith, tmp_path, exp_name="two", batch_size=8, multi_gpu=True, **common)
     one = cli(["-m", "train", write_cfg(tmp_path, one_cfg)])
     two = cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
                write_cfg(tmp_path, two_cfg, "two.json")])
@@ -159,7 +164,57 @@ def test_ddp_two_gloo_processes_match_one(arith, tmp_path):
     b = read_metrics(os.path.join(tmp_path, "runs", "two", "two_0"))
     assert [r["step"] for r in a if r["split"] == "val"] == [7, 14]  # 25 batches of 16 = 6 x 4 + a tail of 1
     close(a, b, rel=1e-5)
+    for x, y in zip(a, b):
+        if x["split"] == "val":
+            assert x["gen_samples"] == y["gen_samples"] == 24
+            assert {k: x[k] for k in ("gen_acc", "answer_acc", "gen_steps")} == \
+                pytest.approx({k: y[k] for k in ("gen_acc", "answer_acc", "gen_steps")})
     assert not os.path.exists(os.path.join(tmp_path, "runs", "two", "two_1"))  # only rank 0 made a folder
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_match_one_process(arith, tmp_path):
+    """Multi-node training through torchrun's c10d rendezvous: two "nodes" of one gloo process each on
+    127.0.0.1 give the val metrics of one process with the same global batch."""
+    import socket
+
+    common = dict(n_train_loops=3, n_epochs=2, val_batch_size=16, gen_val_samples=16)
+    one_cfg = config(arith, tmp_path, exp_name="one", batch_size=16, **common)
+    two_cfg = write_cfg(tmp_path, config(arith, tmp_path, exp_name="nodes", batch_size=8, multi_gpu=True, **common),
+                        "nodes.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [cli(["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
+                  "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", "-m", "train",
+                  two_cfg]) for i in range(2)]
+    one = cli(["-m", "train", write_cfg(tmp_path, one_cfg)])
+    for p in (*nodes, one):
+        assert p.wait(timeout=300) == 0, p.stdout.read()
+    a = read_metrics(os.path.join(tmp_path, "runs", "one", "one_0"))
+    b = read_metrics(os.path.join(tmp_path, "runs", "nodes", "nodes_0"))
+    close(a, b, rel=1e-5)
+    assert json.load(open(os.path.join(tmp_path, "runs", "nodes", "nodes_0", "hyperparams.json")))["world_size"] == 2
+    assert os.listdir(os.path.join(tmp_path, "runs", "nodes")) == ["nodes_0"]
+
+
+def test_resume_with_more_epochs_keeps_the_planned_steps(arith, tmp_path):
+    """A cosine run planned for 2 epochs and resumed mid-way with n_epochs 3 takes exactly the planned run's
+    steps up to its planned end, then a new cosine segment from lr over the added epoch (documented)."""
+    from train.config import ConfigError, resume_config
+    from train.loop import train
+
+    cfg = config(arith, tmp_path, n_train_loops=4, n_epochs=2, checkpt_mod=2, keep_checkpoints=10, min_lr=1e-4)
+    _, planned = run_inline(cfg.replace(exp_name="planned"))
+    folder, _ = run_inline(cfg.replace(exp_name="extended"))
+    train(resume_config(folder, {"n_epochs": 3}), folder, checkpoint.load(os.path.join(folder, "checkpt_6.pt")))
+    rows = read_metrics(folder)
+    close([r for r in rows if r["step"] <= 8], planned)
+    added = [r["lr"] for r in rows if r["split"] == "train" and r["step"] > 8]
+    assert len(added) == 4 and added[0] == pytest.approx(cfg.lr) and added == sorted(added, reverse=True)
+    assert added[-1] > cfg.min_lr
+    with pytest.raises(ConfigError, match=r"cannot change \['shuffle_block'\]"):
+        resume_config(folder, {"shuffle_block": 4})  # another data order is another experiment
 
 
 def test_trains_without_optional_packages(arith, tmp_path):

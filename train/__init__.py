@@ -1,4 +1,4 @@
-"""The trainer: config, blotching, model, loss and the loop, each a small module.
+"""The trainer: config, data, blotching, models, loss, evaluation and the loop, each a small module (README, "Layout").
 
 Imports nothing from `preprocess`; reads data only through `shards`.
 """

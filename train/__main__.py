@@ -8,35 +8,21 @@ visible GPU; under `torchrun` it joins the process group torchrun set up.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+import torch
+from torch.distributed.run import main as elastic_launch
+
 from shards import ManifestError, storage
-from train import checkpoint, tracking
-from train.config import Config, ConfigError, load_config, parse_overrides
+from train import build, checkpoint, tracking
+from train.config import ConfigError, load_config, parse_overrides, resume_config
 from train.data import SPLITS, open_source
 from train.dist import launched_world
+from train.loop import train
 
 USAGE = ("usage: python -m train CONFIG.json [--key value ...] [--save_folder PATH] | "
          "python -m train --resume SAVE_FOLDER [--key value ...]")
-# What may change when resuming: where and how data is read, and how long to train. Anything else would make
-# the resumed run a different experiment.
-RESUME_KEYS = {"storage_options", "cache_dir", "cache_limit", "n_workers", "device", "n_epochs"}
-
-
-def resume_config(folder: str, overrides: dict) -> Config:
-    path = os.path.join(folder, "hyperparams.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"{path} not found: not a run folder")
-    with open(path) as f:
-        saved = json.load(f)
-    saved.pop("world_size")
-    saved["storage_options"] = None  # never saved (credentials); from the command line or the environment
-    changed = sorted(set(overrides) - RESUME_KEYS)
-    if changed:
-        raise ConfigError(f"--resume: cannot change {changed}; only {sorted(RESUME_KEYS)}")
-    return Config(**{**saved, **overrides})
 
 
 def pop_save_folder(argv: list[str]) -> tuple[list[str], str | None]:
@@ -53,9 +39,6 @@ def pop_save_folder(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def relaunch(argv: list[str]) -> int:
-    import torch
-    from torch.distributed.run import main as elastic_launch
-
     n = torch.cuda.device_count()
     if n == 0:
         raise ConfigError("config key 'multi_gpu': no visible GPU; on CPU use torchrun --nproc_per_node N -m train")
@@ -80,14 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args[0], parse_overrides(args[1:]))
         tracking.check(cfg.tracker)
         source = open_source(cfg, SPLITS)  # a config that disagrees with its data fails before any folder exists
+        build.check(source.cfg, source.manifest.vocab_size, source.manifest.window)
         if cfg.multi_gpu and launched_world() == 1 and "LOCAL_RANK" not in os.environ:
             return relaunch(argv)
         state = checkpoint.load(resume_folder) if resume_folder else None
     except (ConfigError, ManifestError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train.loop import train
-
     main_rank = os.environ.get("RANK", "0") == "0"
     if resume_folder and main_rank:
         storage.remove_stale_temps(None, resume_folder)

@@ -113,6 +113,29 @@ def rank_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def position_ids(mask: torch.Tensor, columns: torch.Tensor, pad_pos_skip: bool) -> torch.Tensor:
+    """The positions every model is trained and decoded with: with `pad_pos_skip` a token's rank among its row's
+    real tokens (excised steps and padding leave no gap), otherwise its column in the window."""
+    return rank_positions(mask) if pad_pos_skip else columns.clamp(min=0)
+
+
+def level_tokens(spec: BlotchSpec, levels: torch.Tensor) -> torch.Tensor:
+    """(B, 1): the token of each row's blotch-intensity level, which leads the row."""
+    return (spec.level_token0 + levels.long())[:, None]
+
+
+def prompt(ids: torch.Tensor, spec: BlotchSpec, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cmp part of (B, L) windows as generation reads it, and its real-token mask: its left padding stays
+    (every row ends with a real token, so one batched call decodes all rows), and with intensity levels it is led
+    by `level`'s token, as rows are in training."""
+    c = spec.cmp_len
+    tokens, mask = ids[:, :c], valid_mask(ids, spec)[:, :c]
+    if spec.levels:
+        lead = level_tokens(spec, torch.full((len(ids),), level, device=ids.device))
+        tokens, mask = torch.cat([lead, tokens], 1), torch.cat([torch.ones_like(lead, dtype=torch.bool), mask], 1)
+    return tokens, mask
+
+
 def segment_index(ids: torch.Tensor, valid: torch.Tensor, spec: BlotchSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the number of eligible separators strictly before it (0 = initial problem); per row, the
     number n of blotchable segments, which are 1..n (segment n+1 is the final one)."""
@@ -157,19 +180,20 @@ def choose_segments(n: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec:
 
 
 def blotch(ids: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: BlotchSpec, train: bool = True,
-           level: int = 0) -> Blotched:
+           level: int | None = None) -> Blotched:
     """Excise padding (and, in training, blotched segments) from a (B, L) window batch; see the module doc.
 
-    With intensity levels (spec.levels) every row is blotched at its level's rate and led by its level token:
-    a drawn level in training, `level` in evaluation."""
+    Training blotches every row (at blotch_p, or at its drawn level's rate with intensity levels). Evaluation
+    blotches nothing, unless `level` asks for that intensity level's rate. With levels every row is led by its
+    level's token: the drawn one in training, `level` or else the lowest in evaluation."""
     ids = ids.long()
     B, L = ids.shape
     valid = valid_mask(ids, spec)
     p = torch.full((B,), spec.p_threshold, device=ids.device)
     if spec.levels:
-        levels = draw_levels(sample_ids.to(ids.device), epoch, spec) if train else torch.full_like(p, level)
+        levels = draw_levels(sample_ids.to(ids.device), epoch, spec) if train else torch.full_like(p, level or 0)
         p = torch.tensor([round(x * (1 << P_BITS)) for x in spec.levels], device=ids.device)[levels]
-    if spec.levels or (train and spec.blotch_p > 0):
+    if (spec.levels or spec.blotch_p > 0) if train else (level is not None and bool(spec.levels)):
         seg, n = segment_index(ids, valid, spec)
         chosen = choose_segments(n, sample_ids, epoch, spec, p)
         blotched = chosen.gather(1, seg) & valid
@@ -188,12 +212,8 @@ def blotch(ids: torch.Tensor, sample_ids: torch.Tensor, epoch: int, spec: Blotch
     if not spec.incl_intl_prob:
         counted = counted & (columns[:, 1:] >= spec.cmp_len)
     targets[:, :-1] = torch.where(counted, input_ids[:, 1:], IGNORE)
-    if spec.pad_pos_skip:
-        position_ids = torch.arange(T, device=ids.device).expand(B, T)
-    else:
-        position_ids = columns.clamp(min=0)
-    v = Blotched(input_ids, targets, position_ids, mask, columns, valid, blotched)
-    return prepend(v, spec.level_token0 + levels[:, None]) if spec.levels else v
+    v = Blotched(input_ids, targets, position_ids(mask, columns, spec.pad_pos_skip), mask, columns, valid, blotched)
+    return prepend(v, level_tokens(spec, levels)) if spec.levels else v
 
 
 def prepend(v: Blotched, prefix: torch.Tensor) -> Blotched:

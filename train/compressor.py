@@ -21,7 +21,7 @@ from torch import nn
 
 from train.blotch import IGNORE, Blotched, BlotchSpec, blotch, rank_positions, valid_mask
 from train.config import Config, ConfigError
-from train.hf_model import cache_kwarg, load_base
+from train.hf_model import cache_kwarg
 from train.loss import token_loss
 
 
@@ -37,12 +37,29 @@ def layer_index(cmp_layer: int | str, n_layers: int) -> int:
     return cmp_layer % (n_layers + 1)
 
 
+def check(cfg: Config) -> None:
+    """Before the base LM is loaded: a compressor needs a cmp part to compress."""
+    if cfg.cmp_len is None or cfg.cmp_len < 1:
+        raise ConfigError(f"config key 'cmp_len': model_type compressor needs a cmp part, got {cfg.cmp_len}")
+
+
+def extra_tokens(cfg: Config) -> int:
+    """Rows are the window plus the compression vectors and the task token (SOS or RMB)."""
+    return cfg.n_cmps + 1
+
+
+def _shift_left(t: torch.Tensor, start: torch.Tensor, n: torch.Tensor, width: int, fill: int) -> torch.Tensor:
+    """Per row, `t[start:start + n]` in columns 0..n-1 of a (B, width) tensor, `fill` after."""
+    cols = torch.arange(width, device=t.device)
+    idx = (start[:, None] + cols).clamp(max=t.shape[1] - 1)
+    return torch.where(cols < n[:, None], t.gather(1, idx), fill)
+
+
 class Compressor(nn.Module):
-    def __init__(self, cfg: Config, vocab_size: int, window: int):
+    def __init__(self, cfg: Config, base: nn.Module):
+        """`base`: the transformers causal LM (hf_model.load_causal_lm), frozen unless train_base."""
         super().__init__()
-        if cfg.cmp_len is None or cfg.cmp_len < 1:
-            raise ConfigError(f"config key 'cmp_len': model_type compressor needs a cmp part, got {cfg.cmp_len}")
-        self.base = load_base(cfg, vocab_size, window + cfg.n_cmps + 1)
+        self.base = base
         self.base.requires_grad_(cfg.train_base)
         self.cmp_len, self.n_cmps, self.pad_pos_skip = cfg.cmp_len, cfg.n_cmps, cfg.pad_pos_skip
         self.rmb, self.cont = cfg.rmb_task or cfg.rmb_only, not cfg.rmb_only
@@ -58,6 +75,11 @@ class Compressor(nn.Module):
                          nn.Sequential(nn.Linear(H, cfg.proj_hid_mult * H), nn.ReLU(), nn.Linear(cfg.proj_hid_mult * H, H)))
             self.proj.to(emb.device)
         self._cache_kw = cache_kwarg(self.base)
+
+    @property
+    def lm(self) -> nn.Module:
+        """The transformers model: what model_parallel spreads over the devices."""
+        return self.base
 
     def _lm(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, **kw: Any):
         return self.base(inputs_embeds=x, attention_mask=mask.long(), position_ids=positions, **kw)
@@ -101,30 +123,21 @@ class Compressor(nn.Module):
     def view(self, v: Blotched) -> Blotched:
         """The loop's blotched batch in this model's layout: cmp tokens compacted into the first cmp_len columns,
         then the continuation; each target is the position's own token, where trained (see the module doc)."""
-        C, B = self.cmp_len, len(v.input_ids)
-        ar_c = torch.arange(C, device=v.input_ids.device)
-        n_c = (v.mask & (v.columns >= 0) & (v.columns < C)).sum(1)
+        C = self.cmp_len
+        n_c = (v.mask & (v.columns >= 0) & (v.columns < C)).sum(1)  # a compacted row: its cmp tokens come first
         n_s = (v.mask & (v.columns >= C)).sum(1)
         S = max(int(n_s.max()), 1)
-        width = max(C, int((n_c + n_s).max()), 1)
-        pad = width - v.input_ids.shape[1]
-
-        def wide(t: torch.Tensor, value: int) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, max(pad, 0)), value=value)
-
-        ids, cols, pos = wide(v.input_ids, 0), wide(v.columns, -1), wide(v.position_ids, 0)
-        cmp_mask = ar_c < n_c[:, None]
-        idx = (n_c[:, None] + torch.arange(S, device=ids.device)).clamp(max=ids.shape[1] - 1)
-        cont_mask = torch.arange(S, device=ids.device) < n_s[:, None]
-        cmp_ids = torch.where(cmp_mask, ids[:, :C], 0)
-        cont_ids = torch.where(cont_mask, ids.gather(1, idx), 0)
-        cont_pos = pos.gather(1, idx) - (n_c[:, None] if self.pad_pos_skip else C)
-        cont_pos = torch.where(cont_mask, cont_pos, 0)
+        start = torch.zeros_like(n_c)
+        cmp_ids, cmp_cols = _shift_left(v.input_ids, start, n_c, C, 0), _shift_left(v.columns, start, n_c, C, -1)
+        cont_ids, cont_cols = _shift_left(v.input_ids, n_c, n_s, S, 0), _shift_left(v.columns, n_c, n_s, S, -1)
+        cmp_mask = torch.arange(C, device=n_c.device) < n_c[:, None]
+        cont_mask = torch.arange(S, device=n_c.device) < n_s[:, None]
+        cont_pos = _shift_left(v.position_ids, n_c, n_s, S, 0) - (n_c[:, None] if self.pad_pos_skip else C)
         targets = torch.cat([torch.where(cmp_mask & self.rmb, cmp_ids, IGNORE),
                              torch.where(cont_mask & self.cont, cont_ids, IGNORE)], 1)
-        columns = torch.cat([torch.where(cmp_mask, cols[:, :C], -1), torch.where(cont_mask, cols.gather(1, idx), -1)], 1)
-        return Blotched(torch.cat([cmp_ids, cont_ids], 1), targets, torch.cat([rank_positions(cmp_mask), cont_pos], 1),
-                        torch.cat([cmp_mask, cont_mask], 1), columns, v.valid, v.blotched)
+        return Blotched(torch.cat([cmp_ids, cont_ids], 1), targets,
+                        torch.cat([rank_positions(cmp_mask), torch.where(cont_mask, cont_pos, 0)], 1),
+                        torch.cat([cmp_mask, cont_mask], 1), torch.cat([cmp_cols, cont_cols], 1), v.valid, v.blotched)
 
     @torch.no_grad()
     def reference_sums(self, ids: torch.Tensor, spec: BlotchSpec) -> dict[str, float]:

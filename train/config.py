@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import operator
+import os
 import sys
 import types
 import typing
@@ -39,6 +40,8 @@ class Config:
     storage_options: Optional[dict] = _f(None, "fsspec options for data_root (never written to hyperparams.json)")
     cache_dir: Optional[str] = _f(None, "local shard cache for remote data; null = <system temp>/shards-cache")
     cache_limit: Optional[int] = _f(None, "maximum bytes of the local shard cache", gt=0)
+    shuffle_block: int = _f(16, "shards per shuffle block of the train order (0 = one permutation of the whole split); "
+                            "the order depends only on seed, epoch, the manifest's shards and this", ge=0)
     multi_gpu: bool = _f(False, "data parallel (DDP) over every visible GPU, or under torchrun over its processes")
     model_parallel: bool = _f(False, "shard an hf/compressor model over the visible GPUs with device_map auto (not with multi_gpu)")
     max_memory: Optional[dict] = _f(None, "model_parallel: memory cap per device, e.g. {\"0\": \"20GiB\", \"cpu\": \"8GiB\"}")
@@ -51,7 +54,8 @@ class Config:
     # loop and optimisation
     n_epochs: int = _f(1, "number of epochs (each followed by validation and a checkpoint)", ge=1)
     n_train_loops: Optional[int] = _f(None, "optimizer steps per epoch; null = one pass over the train split", ge=1)
-    max_val_loops: Optional[int] = _f(None, "validation batches per epoch; null = the whole val split", ge=1)
+    max_val_loops: Optional[int] = _f(None, "validation batches (of val_batch_size) per epoch; null = the whole val "
+                                      "split", ge=1)
     checkpt_mod: Optional[int] = _f(None, "also checkpoint every this many optimizer steps; null = epoch ends only", ge=1)
     keep_checkpoints: int = _f(3, "keep this many most recent checkpoints", ge=1)
     log_mod: int = _f(10, "write a train line to metrics.jsonl every this many optimizer steps", ge=1)
@@ -59,16 +63,19 @@ class Config:
         "none", "also log metrics to tensorboard (event files in the run folder) or wandb (offline unless logged in)"
     )
     batch_size: int = _f(32, "samples per micro-batch per rank (a step sees batch_size x world x n_grad_loops)", ge=1)
-    val_batch_size: Optional[int] = _f(None, "validation batch size per rank; null = batch_size", ge=1)
+    val_batch_size: Optional[int] = _f(None, "validation batch size over all ranks (each takes its share); null = "
+                                       "batch_size", ge=1)
     n_grad_loops: int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
     n_workers: int = _f(0, "data loader worker processes per rank", ge=0)
     lr: float = _f(5e-4, "peak learning rate of AdamW", gt=0)
     l2: float = _f(0.0, "AdamW weight decay (decoupled)", ge=0)
     grad_clip: float = _f(0.0, "clip the gradient norm to this value; 0 = no clipping", ge=0)
     warmup_steps: int = _f(0, "linear warmup steps from 0 to lr", ge=0)
-    lr_schedule: Literal["cosine", "inverse_sqrt", "constant", "plateau"] = _f(
-        "cosine", "decay after warmup; plateau divides lr by 10 when val loss stalls for `patience` epochs"
+    lr_schedule: Literal["cosine", "inverse_sqrt", "inverse_power", "constant", "plateau"] = _f(
+        "cosine", "decay after warmup; inverse_power: lr x (warmup_steps / step) ** lr_decay_exp; plateau divides lr "
+        "by 10 when val loss stalls for `patience` epochs"
     )
+    lr_decay_exp: float = _f(0.5, "inverse_power: the decay exponent (the CoS paper's 0.1)", gt=0)
     min_lr: float = _f(0.0, "floor of the decaying learning rate", ge=0)
     patience: int = _f(5, "epochs without val-loss improvement before plateau lowers lr", ge=1)
     label_smoothing: float = _f(0.0, "label smoothing of the training loss (logged losses are plain CE)", ge=0, lt=1)
@@ -133,9 +140,11 @@ class Config:
     n_val: Optional[int] = _f(None, "preprocess: arithmetic val problems")
     min_ents: Optional[int] = _f(None, "preprocess: fewest arithmetic operands")
     max_ents: Optional[int] = _f(None, "preprocess: most arithmetic operands")
+    p_more_ents: Optional[float] = _f(None, "preprocess: each arithmetic operand beyond min_ents with this probability")
     max_num: Optional[int] = _f(None, "preprocess: arithmetic operands are drawn from [0, max_num)")
     p_mult: Optional[float] = _f(None, "preprocess: probability that an arithmetic operand is a product")
     max_mult_num: Optional[int] = _f(None, "preprocess: arithmetic right factors are drawn from [0, max_mult_num)")
+    max_mult_left: Optional[int] = _f(None, "preprocess: arithmetic left factors are drawn from [0, max_mult_left)")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -263,6 +272,26 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Co
         check_keys(d, path)
     check_keys(overrides or {}, "command line")
     return Config(**{**d, **(overrides or {})})
+
+
+# What may change when resuming: where and how data is read, and how long to train. Anything else would make the
+# resumed run a different experiment.
+RESUME_KEYS = {"storage_options", "cache_dir", "cache_limit", "n_workers", "device", "n_epochs"}
+
+
+def resume_config(folder: str, overrides: dict[str, Any]) -> Config:
+    """A run folder's config (its hyperparams.json) with the overrides a resume allows."""
+    path = os.path.join(folder, "hyperparams.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} not found: not a run folder")
+    with open(path) as f:
+        saved = json.load(f)
+    saved.pop("world_size")
+    saved["storage_options"] = None  # never saved (credentials); from the command line or the environment
+    changed = sorted(set(overrides) - RESUME_KEYS)
+    if changed:
+        raise ConfigError(f"--resume: cannot change {changed}; only {sorted(RESUME_KEYS)}")
+    return Config(**{**saved, **overrides})
 
 
 def markdown_table() -> str:

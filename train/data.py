@@ -111,6 +111,12 @@ class Source:
     url: str
     spec: BlotchSpec
 
+    @property
+    def has_answers(self) -> bool:
+        """Whether each window holds one problem and its worked solution ending in a final answer (the manifest
+        says so: arithmetic); GLUE pairs and text have no final answer to score."""
+        return self.manifest.answers
+
 
 def open_source(cfg: Config, splits: Iterable[str]) -> Source:
     """Fetch the manifest, resolve the config against it, and check that the dataset has `splits`."""
@@ -121,13 +127,14 @@ def open_source(cfg: Config, splits: Iterable[str]) -> Source:
     return Source(cfg, m, url, blotch_spec(cfg, m))
 
 
-def loader(src: Source, split: str, batch_key: str, shuffle: bool, rank: int, world: int) -> StreamingDataLoader:
-    """The split's streaming loader for this rank; `batch_key` names the config key that sizes its batches."""
+def loader(src: Source, split: str, batch_size: int, shuffle: bool, rank: int, world: int, batch_key: str
+           ) -> StreamingDataLoader:
+    """The split's streaming loader for this rank, `batch_size` samples a batch; `batch_key` names the config key
+    that sizes them, for errors."""
     cfg = src.cfg
-    batch_size = getattr(cfg, batch_key) or cfg.batch_size
     ds = StreamingDataset(src.url, split, shuffle=shuffle, seed=cfg.seed, rank=rank, world_size=world,
                           batch_size=batch_size, storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
-                          cache_limit=cfg.cache_limit, manifest=src.manifest)
+                          cache_limit=cfg.cache_limit, shuffle_block=cfg.shuffle_block, manifest=src.manifest)
     dl = StreamingDataLoader(ds, batch_size=batch_size, num_workers=cfg.n_workers)
     if len(dl) == 0:
         raise ConfigError(f"{src.url} split {split!r}: {ds.total} samples make no batch of {batch_size} on each "
@@ -136,17 +143,23 @@ def loader(src: Source, split: str, batch_key: str, shuffle: bool, rank: int, wo
 
 
 def eval_loader(src: Source, split: str, rank: int, world: int) -> StreamingDataLoader:
-    """The split in order, in val_batch_size batches: what validation and `python -m train.eval` read."""
-    return loader(src, split, "val_batch_size", False, rank, world)
+    """The split in order, in global batches of val_batch_size split over the ranks: what validation and
+    `python -m train.eval` read. Global, so that 1 and N ranks validate on the same samples."""
+    global_batch = src.cfg.val_batch_size or src.cfg.batch_size
+    if global_batch % world:
+        raise ConfigError(f"config key 'val_batch_size': {global_batch} (a global batch) is not divisible by the "
+                          f"{world} ranks")
+    return loader(src, split, global_batch // world, False, rank, world, "val_batch_size")
 
 
 @dataclass
-class Data(Source):
+class Data:
+    """A run's dataset and this rank's loaders of its splits."""
+    source: Source
     train: StreamingDataLoader
     val: StreamingDataLoader
 
 
 def open_data(src: Source, rank: int, world: int) -> Data:
-    """This rank's loaders of a run's splits."""
-    train = loader(src, "train", "batch_size", True, rank, world)
-    return Data(src.cfg, src.manifest, src.url, src.spec, train, eval_loader(src, "val", rank, world))
+    train = loader(src, "train", src.cfg.batch_size, True, rank, world, "batch_size")
+    return Data(src, train, eval_loader(src, "val", rank, world))

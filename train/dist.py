@@ -1,8 +1,11 @@
-"""Processes and devices: single process, or DDP under torchrun (NCCL on GPUs, gloo on CPU)."""
+"""Where a run computes: its processes (one, or DDP under torchrun: NCCL on GPUs, gloo on CPU), its device and
+its precision (`torch_dtype`: bfloat16/float16 run under autocast, float32 without)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 import torch.distributed as dist
@@ -15,6 +18,19 @@ class Context:
     rank: int
     world: int
     device: torch.device
+    dtype: torch.dtype = torch.float32
+
+    def autocast(self) -> ContextManager:
+        """The compute precision for a forward pass."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks, in place (a no-op in a single process)."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
 
     @property
     def main(self) -> bool:
@@ -43,17 +59,12 @@ def setup(cfg: Config) -> Context:
             device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    dtype = getattr(torch, cfg.torch_dtype)
     if world == 1:
-        return Context(0, 1, device)
+        return Context(0, 1, device, dtype)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Context(dist.get_rank(), dist.get_world_size(), device)
-
-
-def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if ctx.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    return Context(dist.get_rank(), dist.get_world_size(), device, dtype)
 
 
 def teardown(ctx: Context) -> None:

@@ -4,6 +4,7 @@ Blotching excises tokens, so the positions come in explicitly: the HF model gets
 kept-token mask as its `attention_mask`, and attends with its own implementation (SDPA by default, flash
 attention where the model and hardware offer it). The vocabulary is the dataset's, not the checkpoint's: the
 shards hold the dataset tokenizer's ids, so a model with another embedding size is resized (with a warning).
+`transformers` is imported when a model is built, not with the package: a from-scratch run never pays for it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shards.storage import first_line
+from train.blotch import Blotched
 from train.config import Config, ConfigError
 
 
@@ -36,9 +39,14 @@ def hf_config(cfg: Config, vocab_size: int | None):
     name, overrides = cfg.hf_model, dict(cfg.hf_config or {})
     if "vocab_size" in overrides:
         raise ConfigError("config key 'hf_config': vocab_size comes from the dataset (and blotch tokens); omit it")
-    bare = not os.path.exists(name) and not name.endswith(".gguf") and name in CONFIG_MAPPING
+    # a model type's defaults only when no weights are asked for: pretrained "gpt2" is the Hub's gpt2
+    bare = not cfg.pretrained and not os.path.exists(name) and not name.endswith(".gguf") and name in CONFIG_MAPPING
     path, extra = (name, {}) if bare else _source(name)
-    base = AutoConfig.for_model(name) if bare else AutoConfig.from_pretrained(path, **extra)
+    try:
+        base = AutoConfig.for_model(name) if bare else AutoConfig.from_pretrained(path, **extra)
+    except (OSError, ValueError) as e:  # offline Hub, missing folder, unknown model type
+        raise ConfigError(f"config key 'hf_model': cannot load {name!r} ({first_line(e)}); offline, pass a local "
+                          f"folder or a .gguf file, or pretrained false with a model type (gpt2, llama)") from None
     for key in overrides:
         if not hasattr(base, key):
             raise ConfigError(f"config key 'hf_config': {type(base).__name__} has no attribute {key!r}")
@@ -64,19 +72,18 @@ def n_positions(config) -> int | None:
     return None
 
 
-def load_causal_lm(cfg: Config, vocab_size: int, window: int, device_map: dict | str | None = None,
-                   max_memory: dict | None = None) -> nn.Module:
-    """The transformers model: pretrained weights or a fresh init from its config, on the dataset's vocabulary."""
+def load_causal_lm(cfg: Config, vocab_size: int, max_len: int, weights: bool = True, **load: Any) -> nn.Module:
+    """The transformers model on the dataset's vocabulary: pretrained weights (when `pretrained` and `weights`;
+    a checkpoint's are loaded later otherwise) or a fresh init from its config.
+
+    `max_len` is the longest row the model will read; `load` goes to `from_pretrained` (parallel.load_kwargs:
+    a device map that puts each layer straight onto its device)."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.pretrained:
+    if cfg.pretrained and weights:
         path, extra = _source(cfg.hf_model)
-        if device_map is not None:
-            import tempfile
-
-            extra.update(device_map=device_map, max_memory=max_memory,
-                         offload_folder=tempfile.mkdtemp(prefix="offload-"))
-        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config(cfg, None), dtype=torch.float32, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config(cfg, None), dtype=torch.float32,
+                                                     **extra, **load)
         rows = model.get_input_embeddings().num_embeddings
         if rows != vocab_size:
             warnings.warn(f"hf_model {cfg.hf_model}: {rows} embedding rows resized to the run's vocabulary of "
@@ -85,11 +92,16 @@ def load_causal_lm(cfg: Config, vocab_size: int, window: int, device_map: dict |
             model.resize_token_embeddings(vocab_size, mean_resizing=False)
     else:
         model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size), dtype=torch.float32)
-    limit = n_positions(model.config)
-    if limit is not None and window > limit:
-        raise ConfigError(f"config key 'hf_config': {cfg.hf_model} has {limit} positions, fewer than the window "
-                          f"{window}")
+    check_positions(cfg, model.config, max_len)
     return model
+
+
+def check_positions(cfg: Config, config: Any, max_len: int) -> None:
+    limit = n_positions(config)
+    if limit is not None and max_len > limit:
+        raise ConfigError(f"config key 'hf_config': {cfg.hf_model} has {limit} positions, fewer than the "
+                          f"{max_len} tokens of a row" + (" (the window and a blotch-level token)"
+                                                           if cfg.blotch_tokens else ""))
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -103,15 +115,22 @@ class HFCausalLM(nn.Module):
         self.model = model
         self._cache_kw = cache_kwarg(model)
 
+    @property
+    def lm(self) -> nn.Module:
+        """The transformers model: what model_parallel spreads over the devices."""
+        return self.model
+
+    def view(self, v: Blotched) -> Blotched:
+        """The blotched batch as this model reads it: as it is."""
+        return v
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """(B, T) ids, positions and key mask (True = a real token) -> (B, T, vocab) logits.
 
-        Rows compacted to the left (what blotching makes) get no attention mask: causal attention already keeps
-        every real token from seeing the padding after it, padded positions are never targets, and without a
-        mask SDPA may use its flash kernel. Any other mask (holes, left padding) is applied."""
-        if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
-            mask = None
+        The mask always goes in: without one, transformers reads every jump in the positions (an excised step
+        with pad_pos_skip false, a level token before the window's columns) as the start of another packed
+        sequence and hides everything before it, which decoding (always masked) would not."""
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                           attention_mask=None if mask is None else mask.long()).logits
 
@@ -124,15 +143,3 @@ class HFCausalLM(nn.Module):
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask.long(), use_cache=True,
                          **{self._cache_kw: cache})
         return out.logits, cache
-
-
-def load_base(cfg: Config, vocab_size: int, window: int) -> nn.Module:
-    """The transformers model as the config asks: on one device, or sharded by device_map (model_parallel) for
-    training. Evaluation builds it unsharded and shards it after loading a checkpoint (parallel.shard_loaded)."""
-    if not cfg.model_parallel:
-        return load_causal_lm(cfg, vocab_size, window)
-    from train import parallel
-
-    model = parallel.load_sharded(cfg, vocab_size, window)
-    parallel.check_trainable(model)
-    return model

@@ -6,6 +6,7 @@ mean, never divided by n_grad_loops.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,3 +42,10 @@ def step_sums(out: TokenLoss, v: Blotched) -> torch.Tensor:
     sharded model) so a single all-reduce covers them."""
     counts = torch.stack([v.mask.sum(), v.blotched.sum(), v.valid.sum()])
     return torch.cat([torch.stack([out.nll, out.correct, out.count]).to(counts.device), counts]).float()
+
+
+def token_means(sums: dict[str, float]) -> dict[str, float]:
+    """The per-token loss, accuracy and perplexity of summed batches: what train, val and eval records report."""
+    count = max(sums["count"], 1.0)
+    loss = sums["nll"] / count
+    return {"loss": loss, "acc": sums["correct"] / count, "ppl": math.exp(min(loss, 50.0))}

@@ -1,20 +1,22 @@
 """`model_parallel`: one process, the layers of a Hugging Face model spread over the visible GPUs by accelerate.
 
-The model is cut by `device_map="auto"` (capped per device by `max_memory`), and accelerate's hooks move each
-layer's inputs to its device and return the outputs on the device the batch came from, so the loop keeps its
-batches on the first device and needs nothing else. It does not combine with DDP (`multi_gpu`): that would
-need one full replica per process. Layers the map sends to disk (or CPU RAM, beside GPUs) live on the meta device
-between calls: fine for evaluation, but an optimizer cannot update them, so training refuses such a map.
+Placement is a step applied to a built model: every model with a transformers LM exposes it as `lm`, accelerate's
+`device_map="auto"` (capped per device by `max_memory`) spreads that LM, and the model's other parameters (a
+compressor's vectors and projection) go to the LM's first device. Accelerate's hooks move each layer's inputs to
+its device and return the outputs on the device the batch came from, so the loop keeps its batches on the first
+device and needs nothing else. It does not combine with DDP (`multi_gpu`): that would need one full replica per
+process. Layers the map sends to disk (or CPU RAM, beside GPUs) live on the meta device between calls: fine for
+evaluation, but an optimizer cannot update them, so training refuses such a map.
 """
 from __future__ import annotations
 
 import tempfile
+from typing import Any
 
 import torch
 from torch import nn
 
 from train.config import Config, ConfigError
-from train.hf_model import load_causal_lm
 
 
 def max_memory(cfg: Config) -> dict | None:
@@ -31,49 +33,44 @@ def require_accelerate() -> None:
         raise ConfigError("config key 'model_parallel': needs the accelerate package (pip install accelerate)") from None
 
 
-def load_sharded(cfg: Config, vocab_size: int, window: int) -> nn.Module:
+def load_kwargs(cfg: Config) -> dict[str, Any]:
+    """`from_pretrained` arguments that load each layer straight onto its device: a large pretrained model is
+    never whole in CPU RAM first."""
     require_accelerate()
-    mm = max_memory(cfg)
-    if cfg.pretrained:  # loads each layer straight onto its device: never the whole model in CPU RAM first
-        return load_causal_lm(cfg, vocab_size, window, device_map="auto", max_memory=mm)
-    return dispatch(load_causal_lm(cfg, vocab_size, window), cfg)
+    return {"device_map": "auto", "max_memory": max_memory(cfg), "offload_folder": tempfile.mkdtemp(prefix="offload-")}
 
 
-def dispatch(model: nn.Module, cfg: Config) -> nn.Module:
-    """Spread a built transformers model over the devices as device_map "auto" would load it."""
+def dispatch(lm: nn.Module, cfg: Config) -> None:
+    """Spread a built transformers model over the devices (in place) as device_map "auto" would load it."""
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import offload_state_dict
 
-    device_map = infer_auto_device_map(model, max_memory=max_memory(cfg),
-                                       no_split_module_classes=model._no_split_modules)
+    device_map = infer_auto_device_map(lm, max_memory=max_memory(cfg), no_split_module_classes=lm._no_split_modules)
     offload = None
     on_disk = tuple(name for name, device in device_map.items() if device == "disk")
     if on_disk:  # dispatch_model reads disk-mapped weights from the folder: write them there first
         offload = tempfile.mkdtemp(prefix="offload-")
-        offload_state_dict(offload, {k: v for k, v in model.state_dict().items()
+        offload_state_dict(offload, {k: v for k, v in lm.state_dict().items()
                                      if any(n == "" or k == n or k.startswith(n + ".") for n in on_disk)})
-    model = dispatch_model(model, device_map=device_map, offload_dir=offload)
-    model.hf_device_map = device_map
-    return model
+    dispatch_model(lm, device_map=device_map, offload_dir=offload)
+    lm.hf_device_map = device_map
 
 
-def shard_loaded(model: nn.Module, cfg: Config) -> nn.Module:
-    """Spread one of our hf/compressor models, built on the CPU and loaded from a checkpoint, over the devices.
-
-    Loading a state dict into an already-dispatched model would leave its offloaded layers untouched, which is
-    why evaluation loads first and shards after."""
-    from train.compressor import Compressor
-
+def place(model: nn.Module, cfg: Config) -> nn.Module:
+    """Spread `model.lm` over the devices (unless it was loaded spread) and move the rest of the model to its
+    first device. Load weights before placing: loading a state dict into a placed model would leave its
+    offloaded layers untouched."""
     require_accelerate()
-    if not isinstance(model, Compressor):
-        model.model = dispatch(model.model, cfg)
-        return model
-    model.base = dispatch(model.base, cfg)
-    first = next(d for d in model.base.hf_device_map.values() if d != "disk")
+    lm = model.lm
+    if not hasattr(lm, "hf_device_map"):
+        dispatch(lm, cfg)
+    first = next(d for d in lm.hf_device_map.values() if d != "disk")
     device = torch.device("cuda", first) if isinstance(first, int) else torch.device(first)
-    model.embs.data = model.embs.data.to(device)
-    if model.proj is not None:
-        model.proj.to(device)
+    for child in model.children():
+        if child is not lm:
+            child.to(device)
+    for p in model.parameters(recurse=False):
+        p.data = p.data.to(device)
     return model
 
 

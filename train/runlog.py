@@ -62,7 +62,8 @@ def read_metrics(folder: str) -> list[dict[str, Any]]:
 
 
 def plot_curves(folder: str) -> str | None:
-    """curves.png: train and val loss and accuracy against steps; None when matplotlib is not installed."""
+    """curves.png: train and val loss and token accuracy against steps, and where the data has answers the
+    greedy answer accuracy and solution steps of each validation (what matters); None without matplotlib."""
     try:
         import matplotlib
 
@@ -71,14 +72,25 @@ def plot_curves(folder: str) -> str | None:
     except ImportError:
         return None
     rows = read_metrics(folder)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    val = [r for r in rows if r["split"] == "val"]
+    answers = any("answer_acc" in r for r in val)
+    fig, axes = plt.subplots(1, 4 if answers else 2, figsize=(20 if answers else 10, 4))
     for split, style in (("train", "-"), ("val", "o-")):
         pts = [r for r in rows if r["split"] == split]
         for ax, key in zip(axes, ("loss", "acc")):
             ax.plot([r["step"] for r in pts], [r[key] for r in pts], style, label=split)
-    for ax, key in zip(axes, ("loss (per token)", "token accuracy")):
+    labels = ["loss (per token)", "token accuracy (teacher-forced)"]
+    if answers:
+        pts = [r for r in val if "answer_acc" in r]
+        steps = [r["step"] for r in pts]
+        axes[2].plot(steps, [r["answer_acc"] for r in pts], "o-", color="C2", label="val, greedy")
+        axes[2].set_ylim(-0.02, 1.02)
+        axes[3].plot(steps, [r["gen_steps"] for r in pts], "o-", color="C3", label="generated")
+        axes[3].plot(steps, [r["ref_steps"] for r in pts], "--", color="gray", label="reference")
+        labels += ["answer accuracy", "solution steps"]
+    for ax, label in zip(axes, labels):
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key)
+        ax.set_ylabel(label)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -86,6 +98,13 @@ def plot_curves(folder: str) -> str | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def describe(rec: dict[str, Any]) -> str:
+    """The free-running part of a val record as one log line ('' when there is none)."""
+    keys = [k for k in ("gen_acc", "answer_acc", "gen_steps", "ref_steps") if k in rec]
+    keys += sorted(k for k in rec if k.endswith(("ctx_loss", "ctx_acc")))
+    return ", ".join(f"{k} {rec[k]:.4f}" for k in keys)
 
 
 def decode(tokenizer, ids: list[int]) -> str:

@@ -1,4 +1,4 @@
-"""The from-scratch model: a pre-LN causal transformer over blotched (excised) windows.
+"""model_type "transformer": the from-scratch pre-LN causal transformer over blotched (excised) windows.
 
 Positions come in explicitly (`position_ids`) because blotching removes tokens: with `pad_pos_skip` a kept
 token's position is its rank among kept tokens, otherwise its original column. The attention mask is causal
@@ -28,31 +28,43 @@ def sinusoid_table(n_pos: int, d: int) -> torch.Tensor:
 class PositionalEncoding(nn.Module):
     """A sinusoidal table of `n_pos` rows, fixed (a buffer) or learnable (a Parameter).
 
-    `random_subset` (RandPositionalEncoding): in training each sequence reads a sorted random subset of the
-    table's rows instead of rows 0..S-1, so the model learns to cope with the gaps blotching creates; eval
-    reads plain positions, so validation is deterministic. The draw uses the global RNG, which the seed sets
-    and a resume restores.
+    `random_subset` (RandPositionalEncoding): a row of up to `span` tokens reads `span` of the table's rows, in
+    order, instead of rows 0..span-1, so the model learns positions as an order rather than as offsets, which
+    blotching's gaps then do not disturb. In training each sequence draws a sorted random subset (the global
+    RNG, which the seed sets and a resume restores); evaluation reads the subset's expected rows, evenly spread
+    over the table, so it is deterministic and reads the rows training used.
     """
 
-    def __init__(self, n_pos: int, d: int, drop_p: float, learnable: bool, random_subset: bool):
+    def __init__(self, n_pos: int, d: int, drop_p: float, learnable: bool, random_subset: bool, span: int):
         super().__init__()
         table = sinusoid_table(n_pos, d)
         if learnable:
             self.table = nn.Parameter(table)
         else:
             self.register_buffer("table", table)
-        self.drop_p, self.random_subset = drop_p, random_subset
+        self.drop_p, self.random_subset, self.span = drop_p, random_subset, min(span, n_pos)
+        # the i-th smallest of `span` rows drawn from n_pos is row (i + 1)(n_pos + 1)/(span + 1) - 1 on average
+        i = torch.arange(self.span, dtype=torch.float64)
+        self.register_buffer("eval_rows", ((i + 1) * (n_pos + 1) / (self.span + 1) - 1).round().long(),
+                             persistent=False)
 
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+    def rows(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The table rows that (B, T) positions read."""
         n_pos = self.table.shape[0]
         need = int(position_ids.max()) + 1
         if need > n_pos:
             raise ValueError(f"position {need - 1} needs max_posencs > {n_pos} (config key 'max_posencs')")
-        if self.random_subset and self.training:
-            scores = torch.rand(position_ids.shape[0], n_pos, device=position_ids.device)
-            rows = scores.topk(need, dim=1).indices.sort(dim=1).values
-            position_ids = rows.gather(1, position_ids)
-        return F.dropout(self.table[position_ids], self.drop_p, self.training)
+        if need > self.span and self.random_subset:
+            raise ValueError(f"position {need - 1} is beyond the {self.span} positions of a row")
+        if not self.random_subset:
+            return position_ids
+        if not self.training:
+            return self.eval_rows[position_ids]
+        scores = torch.rand(position_ids.shape[0], n_pos, device=position_ids.device)
+        return scores.topk(self.span, dim=1).indices.sort(dim=1).values.gather(1, position_ids)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.table[self.rows(position_ids)], self.drop_p, self.training)
 
 
 class Block(nn.Module):
@@ -105,6 +117,10 @@ class Transformer(nn.Module):
         """(B, T) ids, positions and key mask (True = a real token) -> (B, T, vocab) logits."""
         return self._run(input_ids, position_ids, mask, None)
 
+    def view(self, v: Blotched) -> Blotched:
+        """The blotched batch as this model reads it: as it is."""
+        return v
+
     def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                cache: list[list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """Incremental decoding: logits of the new tokens given the cache; `mask` covers past and new keys."""
@@ -131,33 +147,13 @@ class Transformer(nn.Module):
         return self.head(self.ln_f(x)) * self.logit_scale
 
 
-def build_model(cfg: Config, vocab_size: int, window: int) -> nn.Module:
-    """The model a config describes; `window` (cmp_len + seq_len) sizes the default position table.
-
-    Every model maps (input_ids, position_ids, mask) to logits and has `decode` for cached generation. The
-    vocabulary is the dataset's plus the blotch-intensity tokens.
-    """
-    vocab_size += cfg.n_btokens if cfg.blotch_tokens else 0
-    if cfg.model_type == "hf":
-        from train.hf_model import HFCausalLM, load_base
-
-        return HFCausalLM(load_base(cfg, vocab_size, window))
-    if cfg.model_type == "compressor":
-        from train.compressor import Compressor
-
-        return Compressor(cfg, vocab_size, window)
+def build(cfg: Config, vocab_size: int, window: int, max_len: int) -> Transformer:
+    """The transformer a config describes: `window` (cmp_len + seq_len) sizes the default position table,
+    `max_len` is the longest row it reads."""
     n_pos = cfg.max_posencs or 3 * window
     posenc = PositionalEncoding(
         n_pos, cfg.d_model, cfg.drop_p if cfg.posenc_drop_p is None else cfg.posenc_drop_p,
-        cfg.learnable_posencs, cfg.posenc_type == "RandPositionalEncoding",
+        cfg.learnable_posencs, cfg.posenc_type == "RandPositionalEncoding", max_len,
     )
     return Transformer(vocab_size, cfg.d_model, cfg.n_heads, cfg.h_mult, cfg.n_layers, cfg.drop_p, posenc,
                        cfg.tie_weights)
-
-
-def model_view(model: nn.Module, v: Blotched) -> Blotched:
-    """The batch as the model reads it: a compressor separates the compressed part from the continuation (see
-    train/compressor.py); the other models take the blotched batch as it is."""
-    from train.compressor import Compressor
-
-    return model.view(v) if isinstance(model, Compressor) else v
