@@ -183,6 +183,17 @@ def test_bad_ranges_are_one_line_errors_before_anything_exists(arith, tmp_path, 
     assert not os.path.exists(tmp_path / "runs")
 
 
+def test_an_address_where_no_cluster_answers_is_refused_at_once(arith, tmp_path, capsys):
+    from train.sweep import main
+
+    args = [base_config(arith, tmp_path, "a"), write(tmp_path / "r.json", {"seed": [0]})]
+    assert main([*args, "--executor", "ray", "--address", "127.0.0.1:1"]) == 2
+    assert "error: --address 127.0.0.1:1: no Ray cluster answers there" in capsys.readouterr().err
+    assert main([*args, "--devices", "cpu", "--executor", "ray"]) == 2
+    assert capsys.readouterr().err == "error: command line: --devices is for --executor local\n"
+    assert not os.path.exists(tmp_path / "runs")
+
+
 def test_folder_names_and_expansion_order():
     from train.sweep import expand, folder_suffix, swept_keys
 

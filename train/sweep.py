@@ -33,6 +33,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from shards.cluster import check_reachable
 from shards.storage import write_local_atomic
 from train import report, tracking
 from train.config import Config, ConfigError, check_keys, load_config, parse_overrides, read_json_object
@@ -372,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{run.folder}  {describe(run.values)}  [{run.status}]")
             print(f"{len(runs)} runs in {sweep.exp}, {sum(r.status == 'done' for r in runs)} done; nothing started")
             return 0
+        if args.executor == "ray" and args.address:
+            check_reachable(args.address)
         os.makedirs(sweep.exp, exist_ok=True)
         held = lock(sweep.exp)
-    except ConfigError as e:
+    except ValueError as e:  # a ConfigError, or an --address where no cluster answers
         print(f"error: {e}", file=sys.stderr)
         return 2
     sweep.save()
