@@ -88,11 +88,11 @@ class Source:
     total: int | None  # documents, when known, for the progress bar
     columns: dict[str, str]
     description: dict[str, Any]  # what identifies the input, recorded in the manifest's params
-    answers: bool = False  # each document is a problem whose second part ends in its final answer
     # File sources: the files in reading order and how to read any run of them. An executor that splits the work
     # (--executor ray) cuts `files` into units; a source without files (the Hub, the generator) is one stream.
     files: tuple[InputFile, ...] = ()
     reader: Reader | None = None
+    answers: bool = False  # each document is a problem whose second part ends in its final answer
 
     def __iter__(self) -> Iterator[Doc]:
         return self.docs()
