@@ -51,6 +51,7 @@ bench: install $(PEERS_STAMP)
 	$(PY) bench/preprocess.py
 	$(PY) bench/loader.py --peer_python $(PEERS)/bin/python
 	$(PY) bench/train.py
+	$(PY) bench/sweep.py
 
 clean:
 	rm -rf $(VENV) $(PEERS) data runs .pytest_cache

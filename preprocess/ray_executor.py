@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from preprocess import phases, units
 from preprocess.pipeline import SPLITS, Run
+from shards.cluster import check_reachable
 from shards.storage import first_line
 from preprocess.tokenizer import pad_id
 from shards import Manifest, ShardInfo, storage
@@ -89,17 +89,6 @@ def check_shared_storage(places: list[tuple[str, str]], storage_options: dict | 
                 "nodes and each reads and writes it itself: use object storage (an fsspec URL such as "
                 "s3://bucket/path) or a filesystem every node mounts"
             )
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds on a wrong HOST:PORT: ray.init waits minutes for a cluster that is not there."""
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():  # ray:// (Ray Client) and "auto": Ray resolves them
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ValueError(f"--address {address}: no Ray cluster answers there ({e})") from None
 
 
 @contextmanager

@@ -59,6 +59,9 @@ class Config:
     checkpt_mod: Optional[int] = _f(None, "also checkpoint every this many optimizer steps; null = epoch ends only", ge=1)
     keep_checkpoints: int = _f(3, "keep this many most recent checkpoints", ge=1)
     log_mod: int = _f(10, "write a train line to metrics.jsonl every this many optimizer steps", ge=1)
+    tracker: Literal["none", "tensorboard", "wandb"] = _f(
+        "none", "also log metrics to tensorboard (event files in the run folder) or wandb (offline unless logged in)"
+    )
     batch_size: int = _f(32, "samples per micro-batch per rank (a step sees batch_size x world x n_grad_loops)", ge=1)
     val_batch_size: Optional[int] = _f(None, "validation batch size over all ranks (each takes its share); null = "
                                        "batch_size", ge=1)
@@ -248,18 +251,24 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_json_object(path: str, what: str) -> dict[str, Any]:
+    """The JSON object in a file; a missing file, invalid JSON or another type is a one-line error."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} {path}: expected a JSON object")
+    return d
+
+
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
     d: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path}: invalid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config file {path}: expected a JSON object")
+        d = read_json_object(path, "config file")
         check_keys(d, path)
     check_keys(overrides or {}, "command line")
     return Config(**{**d, **(overrides or {})})

@@ -77,8 +77,8 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None, source
     has opened it already (the manifest is then not fetched again)."""
     run = build(cfg, folder, resume, source)
     announce(run, resumed=resume is not None)
-    bar = tqdm(total=run.sched.total, initial=run.progress.step, disable=not run.ctx.main, unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(total=run.sched.total, initial=run.progress.step, unit="step", dynamic_ncols=True,
+               disable=None if run.ctx.main else True)  # None: no bar when stderr is not a terminal (a sweep's run)
     last_val: dict[str, Any] = {}
     while run.progress.epoch < run.cfg.n_epochs:
         started = time.perf_counter()
@@ -86,6 +86,7 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None, source
         bar.clear()
         last_val = end_of_epoch(run, started)
     bar.close()
+    run.log.close()
     if run.ctx.main and last_val:
         summarize(run, last_val)
     ctx = run.ctx
@@ -111,7 +112,7 @@ def build(cfg: Config, folder: str, resume: dict[str, Any] | None, source: Sourc
     total_steps = cfg.n_epochs * steps_per_epoch(cfg, len(data.train))
     run = Run(cfg, ctx, data, model, ddp, build_optimizer(cfg, model), Schedule(cfg, total_steps),
               torch.amp.GradScaler(ctx.device.type, enabled=cfg.torch_dtype == "float16"), TrainStream(data.train),
-              RunLog(folder, ctx.main, resume["logs"] if resume else None), folder, Progress())
+              RunLog(folder, ctx.main, resume["logs"] if resume else None, cfg.tracker), folder, Progress())
     run.val_start = data.val.state_dict()
     if resume is not None:
         restore(run, resume)
@@ -153,6 +154,8 @@ def train_epoch(run: Run, bar: tqdm) -> None:
     t_window = time.perf_counter()
     while p.step_in_epoch < n_steps:
         sums, grad_norm = train_step(run)
+        if not math.isfinite(sums["nll"]):  # the same on every rank (reduced), so all of them stop here
+            raise FloatingPointError(f"train loss is {sums['nll']} at step {p.step + 1}: the run diverged")
         p.step, p.step_in_epoch, p.window_steps = p.step + 1, p.step_in_epoch + 1, p.window_steps + 1
         p.window = {k: p.window[k] + sums[k] for k in SUMS}
         p.window_grad_norm += grad_norm

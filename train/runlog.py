@@ -1,7 +1,9 @@
 """What a run leaves for people: metrics.jsonl, training_log.txt, curves.png and decoded examples.
 
 Only rank 0 writes. The log files' lengths are saved in each checkpoint, and a resume cuts the files back to
-them, so lines written after the checkpoint a run was killed past are not repeated.
+them, so lines written after the checkpoint a run was killed past are not repeated. A `tracker` (TensorBoard,
+W&B: train/tracking.py) gets every metrics record too; it is opened at the first record, whose step tells it
+where a resumed run starts again.
 """
 from __future__ import annotations
 
@@ -9,12 +11,15 @@ import json
 import os
 from typing import Any
 
+from train.tracking import open_tracker
+
 METRICS, TEXT_LOG, CURVES = "metrics.jsonl", "training_log.txt", "curves.png"
 
 
 class RunLog:
-    def __init__(self, folder: str, enabled: bool, resume_at: dict[str, int] | None = None):
+    def __init__(self, folder: str, enabled: bool, resume_at: dict[str, int] | None = None, tracker: str = "none"):
         self.folder, self.enabled = folder, enabled
+        self.tracker_name, self.tracker = tracker, None
         if enabled and resume_at is not None:
             for name, size in resume_at.items():
                 with open(os.path.join(folder, name), "r+b") as f:
@@ -27,6 +32,14 @@ class RunLog:
 
     def metrics(self, record: dict[str, Any]) -> None:
         self._append(METRICS, json.dumps(record) + "\n")
+        if self.enabled and self.tracker_name != "none":
+            if self.tracker is None:
+                self.tracker = open_tracker(self.tracker_name, self.folder, first_step=record["step"])
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
     def text(self, line: str, echo: bool = True) -> None:
         if self.enabled and echo:
@@ -43,8 +56,9 @@ class RunLog:
 
 
 def read_metrics(folder: str) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a line still being written (no newline yet) by a live run is left out."""
     with open(os.path.join(folder, METRICS)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 def plot_curves(folder: str) -> str | None:
