@@ -11,7 +11,7 @@ PEERS_STAMP := $(PEERS)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench cos clean
 
 install: $(STAMP)
 
@@ -34,6 +34,13 @@ demo: install
 	$(PY) -m preprocess --config configs/arithmetic.json
 	$(PY) -m shards inspect data/arithmetic --decode 3
 	$(PY) -m train configs/arithmetic.json
+
+# Chain of Shortcuts: preprocess, train Vanilla / CoS / Direct with the sweep, evaluate every level and temperature,
+# write cos_results.md and cos.png (experiments/cos.py). COS_ARGS="--config configs/cos/paper.json --ranges
+# configs/cos/paper_runs.json" runs the paper's scale on a GPU.
+COS_ARGS ?=
+cos: install
+	$(PY) experiments/cos.py $(COS_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -171,6 +171,8 @@ def test_changed_base_config_or_keys_are_refused(grid, tmp_path, capsys):
     ([0.1, 0.2], "r.json: expected a JSON object"),
     ({}, "no keys to sweep"),
     ({"tracker": ["none", "wandb"]}, "config key 'tracker': 'wandb' needs the wandb package"),
+    ({"lr.x": [1]}, "r.json: 'lr.x': only a dict-valued key takes a dotted entry ('lr' is not one)"),
+    ({"hf_confg.n_layer": [1]}, "r.json: unknown config key 'hf_confg'; did you mean 'hf_config'?"),
 ])
 def test_bad_ranges_are_one_line_errors_before_anything_exists(arith, tmp_path, capsys, ranges, message):
     from train.sweep import main
@@ -205,6 +207,20 @@ def test_folder_names_and_expansion_order():
     assert keys == ["n_layers", "hf_config", "separator_ids", "tie_weights", "data_files"]
     assert folder_suffix(keys, runs[0]) == ("_n_layers1_hf_confign_layer:2_separator_ids56_tie_weightsTrue"
                                             "_data_filesabc.txt")
+
+
+def test_a_dotted_key_sets_one_entry_of_a_dict_valued_key():
+    """Depth sweeps of a Hugging Face model: "hf_config.num_hidden_layers" changes that entry and keeps the rest."""
+    from train.sweep import expand, folder_suffix, swept_keys, with_values
+
+    ranges = {"hf_config.num_hidden_layers": [2, 5]}
+    base = {"hf_config": {"hidden_size": 128, "num_hidden_layers": 4}, "lr": 0.1}
+    runs = [with_values(base, values) for values in expand(ranges)]
+    assert [r["hf_config"] for r in runs] == [{"hidden_size": 128, "num_hidden_layers": 2},
+                                              {"hidden_size": 128, "num_hidden_layers": 5}]
+    assert base["hf_config"]["num_hidden_layers"] == 4 and with_values({"hf_config": None}, {"hf_config.a": 1}) == \
+        {"hf_config": {"a": 1}}
+    assert folder_suffix(swept_keys(ranges), expand(ranges)[1]) == "_hf_config.num_hidden_layers5"
 
 
 def test_gpu_slots_and_ddp_runs(monkeypatch):

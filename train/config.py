@@ -164,6 +164,12 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Co
 _HINTS = typing.get_type_hints(Config)
 
 
+def dict_valued(key: str) -> bool:
+    """Whether a config key holds a dict (hf_config, max_memory, storage_options): a sweep can set its entries."""
+    hint = _HINTS[key]
+    return hint is dict or dict in typing.get_args(hint)
+
+
 def _type_ok(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):

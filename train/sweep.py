@@ -36,7 +36,8 @@ from tqdm import tqdm
 from shards.cluster import check_reachable
 from shards.storage import write_local_atomic
 from train import report, tracking
-from train.config import Config, ConfigError, check_keys, load_config, parse_overrides, read_json_object
+from train.config import (Config, ConfigError, check_keys, dict_valued, load_config, parse_overrides,
+                          read_json_object)
 from train.launch import STOP_SIGNALS, Child, Events, RunSpec, last_line, stop, stop_on_signals
 from train.sweep_ray import run_ray
 
@@ -67,7 +68,11 @@ def load_ranges(path: str) -> dict[str, Any]:
     if COMBOS in ranges and (not isinstance(combos, dict) or not combos):
         raise ConfigError(f"{path}: {COMBOS!r} must be an object of config key -> list of values")
     grid = {k: v for k, v in ranges.items() if k != COMBOS}
-    check_keys({**grid, **combos}, path)
+    check_keys({key.partition(".")[0]: v for key, v in {**grid, **combos}.items()}, path)
+    for key in (k for k in (*grid, *combos) if "." in k):
+        if not dict_valued(key.partition(".")[0]):
+            raise ConfigError(f"{path}: {key!r}: only a dict-valued key takes a dotted entry ({key.partition('.')[0]!r} "
+                              f"is not one)")
     for key, values in [*grid.items(), *combos.items()]:
         check_values(path, key, values)
     for key in (*grid, *combos):
@@ -92,6 +97,16 @@ def expand(ranges: dict[str, Any]) -> list[dict[str, Any]]:
     axes = [[dict(zip(v, column)) for column in zip(*v.values())] if key == COMBOS else [{key: x} for x in v]
             for key, v in ranges.items()]
     return [{k: x for part in combo for k, x in part.items()} for combo in itertools.product(*axes)]
+
+
+def with_values(cfg: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """`values` over a config; a dotted key ("hf_config.num_hidden_layers") sets one entry of a dict-valued key,
+    so a sweep can vary a model's depth without repeating the whole hf_config."""
+    out = dict(cfg)
+    for key, value in values.items():
+        top, dot, entry = key.partition(".")
+        out[top] = {**(out.get(top) or {}), entry: value} if dot else value
+    return out
 
 
 def describe(values: dict[str, Any]) -> str:
@@ -129,7 +144,7 @@ class Sweep:
 
     def config(self, run: Run) -> dict[str, Any]:
         """The run's full config. storage_options travel on its command line only (train/launch.py)."""
-        cfg = {**self.base.to_dict(), **run.values, "storage_options": None}
+        cfg = {**with_values(self.base.to_dict(), run.values), "storage_options": None}
         if self.gpus_per_run > 1 and not cfg["model_parallel"]:
             cfg["multi_gpu"] = True  # DDP over the run's GPUs; model_parallel shards one model over them instead
         return cfg
