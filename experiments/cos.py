@@ -184,7 +184,7 @@ def plot(rows_by_depth: dict, temps: list[float], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(rows_by_depth), len(temps), figsize=(4.5 * len(temps), 4 * len(rows_by_depth)),
-                             squeeze=False)
+                             squeeze=False, sharex=True, sharey=True)
     for row, (d, rows) in zip(axes, sorted(rows_by_depth.items())):
         for ax, t in zip(row, temps):
             cos = sorted((level, by_t[t]) for (cond, level), by_t in rows.items() if cond == "CoS" and t in by_t)

@@ -344,6 +344,10 @@ def solved_example(run: Run, n: int = 32) -> list[str]:
     for level, out in zip(levels, outs):
         name = f"level {spec.levels[level]:.2f}" if spec.levels else "model"
         lines.append(f"    {name}: {decode(run.tokenizer, body(out[b], eos))}  ({'right' if right(out[b], b) else 'wrong'}, "
-                     f"{n_steps(out[b], seps, eos)} steps)")
-    lines.append(f"    data: {decode(run.tokenizer, body(refs[b], eos))}  ({n_steps(refs[b], seps, eos)} steps)")
+                     f"{steps_text(n_steps(out[b], seps, eos))})")
+    lines.append(f"    data: {decode(run.tokenizer, body(refs[b], eos))}  ({steps_text(n_steps(refs[b], seps, eos))})")
     return lines
+
+
+def steps_text(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
