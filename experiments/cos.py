@@ -128,7 +128,7 @@ def table(rows: dict[tuple[str, float | None], dict[float, dict]], temps: list[f
              " | Len Diff % (T=0) | steps (T=0) | no eos (T=0) |",
              "|---" * (len(temps) + 4) + "|"]
     for (cond, level), by_t in sorted(rows.items(), key=lambda kv: (ORDER.get(kv[0][0], 3), kv[0][1] or 0)):
-        name = cond if level is None else f"{cond} {level:.1f}"
+        name = cond if level is None else f"{cond} {level:.2f}"
         cells = []
         for t in temps:
             m, sd = mean_sd(by_t[t]["answer_acc"]) if t in by_t else (float("nan"), 0.0)
@@ -165,7 +165,7 @@ def targets(rows: dict[tuple[str, float | None], dict[float, dict]]) -> list[str
         shortest = min(close, key=lambda lv: steps(("CoS", lv)), default=None)
         found = shortest is not None and steps(("CoS", shortest)) <= 0.6 * steps(("CoS", cos[0]))
         text = ("no other level is within 5 points" if shortest is None else
-                f"the shortest within 5 points: level {shortest:.1f}, {acc(('CoS', shortest), 0.0):.1f} % in "
+                f"the shortest within 5 points: level {shortest:.2f}, {acc(('CoS', shortest), 0.0):.1f} % in "
                 f"{steps(('CoS', shortest)):.2f} steps vs {steps(('CoS', cos[0])):.2f}")
         check(found, f"T=0: a CoS level with >= 40 % fewer generated steps within 5 points of CoS's lowest ({text})")
     if direct is not None and van is not None:
@@ -193,7 +193,7 @@ def plot(rows_by_depth: dict, temps: list[float], path: str) -> None:
                 y = [100 * mean_sd(r["answer_acc"])[0] for _, r in cos]
                 ax.plot(x, y, "o-", color="C0", label="CoS levels")
                 for (level, _), xi, yi in zip(cos, x, y):
-                    ax.annotate(f"{level:.1f}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+                    ax.annotate(f"{level:.2f}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
             for cond, marker, color in (("Vanilla", "*", "C1"), ("Direct", "s", "C2")):
                 r = rows.get((cond, None), {}).get(t)
                 if r:
