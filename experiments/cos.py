@@ -60,6 +60,12 @@ def run_folders(exp: str) -> list[str]:
         return [os.path.join(exp, r["folder"]) for r in json.load(f)["runs"] if r["status"] == "done"]
 
 
+def run_minutes(exp: str) -> float:
+    """The finished runs' own wall time, which a rerun that reuses them does not see."""
+    with open(os.path.join(exp, "sweep.json")) as f:
+        return sum(r["seconds"] or 0 for r in json.load(f)["runs"] if r["status"] == "done") / 60
+
+
 def condition(cfg: dict[str, Any]) -> str:
     if cfg["blotch_tokens"]:
         return "CoS"
@@ -134,7 +140,8 @@ def table(rows: dict[tuple[str, float | None], dict[float, dict]], temps: list[f
             m, sd = mean_sd(by_t[t]["answer_acc"]) if t in by_t else (float("nan"), 0.0)
             cells.append(f"{100 * m:.1f}" + (f" ± {100 * sd:.1f}" if sd else ""))
         t0 = by_t.get(0.0) or next(iter(by_t.values()))
-        cells += [f"{mean_sd(t0['len_diff_pct'])[0]:+.0f}", f"{mean_sd(t0['gen_steps'])[0]:.2f}",
+        # round first: -0.3 % reads +0, not -0
+        cells += [f"{round(mean_sd(t0['len_diff_pct'])[0]):+d}", f"{mean_sd(t0['gen_steps'])[0]:.2f}",
                   f"{100 * mean_sd(t0['no_eos'])[0]:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
@@ -231,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Chain of Shortcuts at this scale ({os.path.relpath(args.config, ROOT)}, "
              f"{os.path.relpath(args.ranges, ROOT)})", "",
              f"{len(folders)} runs; answer accuracy (%) on the first {args.gen_samples} val problems, sampling seed "
-             f"{args.seed}; Len Diff % = generated solution tokens relative to the reference's. Wall time: "
-             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + "."]
+             f"{args.seed}; Len Diff % = generated solution tokens relative to the reference's. Training took "
+             f"{run_minutes(exp):.1f} min of run time (sweep.json); this command: "
+             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+             + " (finished runs and evaluations are reused)."]
     for d, rows in sorted(by_depth.items()):
         lines += ["", f"## {d} layers", "", *table(rows, args.temperatures), "", "Targets:", *targets(rows)]
     path = os.path.join(exp, "cos_results.md")
