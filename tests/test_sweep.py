@@ -361,3 +361,48 @@ def test_train_cli_refuses_a_missing_tracker_and_a_used_save_folder(grid, capsys
         assert main([cfg, "--tracker", "wandb"]) == 2
         assert capsys.readouterr().err == ("error: config key 'tracker': 'wandb' needs the wandb package, which is not "
                                            "installed (pip install wandb)\n")
+
+
+def test_a_stop_signal_never_lands_inside_a_poll(tmp_path, monkeypatch):
+    """Ctrl-C raised inside Popen.poll() can leave the Popen's wait lock held, and the stop that follows then
+    waits on it forever (a sweep that never exits): the local pool takes stop signals only between polls."""
+    import train.sweep as sweep_module
+    from train.launch import STOP_SIGNALS, RunSpec
+
+    class SleepChild:  # a run that would go on for 30 s; its poll is where Ctrl-C arrives
+        def __init__(self, spec, threads, gpus, storage_options):
+            self.resumed_from, self.stopping, self.polls = None, False, 0
+            self.proc = subprocess.Popen(["sleep", "30"])
+            children.append(self)
+
+        def poll(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            rc = self.proc.poll()
+            self.polls += 1  # reached only when the signal did not interrupt the poll
+            return rc
+
+        def seconds(self):
+            return 0.0
+
+        def cleanup(self):
+            pass
+
+    class Record:
+        def __init__(self):
+            self.events = []
+
+        def __getattr__(self, name):
+            return lambda i, *a, **kw: self.events.append((name, i))
+
+    children, events = [], Record()
+    monkeypatch.setattr(sweep_module, "Child", SleepChild)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep_module.run_local([RunSpec(str(tmp_path / "r"), {}, str(tmp_path))], [sweep_module.Slot("", 1)],
+                                   events, None)
+    finally:
+        STOP_SIGNALS.clear()
+    (child,) = children
+    assert child.polls == 1 and child.stopping and child.proc.returncode == -signal.SIGTERM
+    assert events.events == [("started", 0), ("stopped", 0)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual Ctrl-C again

@@ -58,6 +58,40 @@ def stop_on_signals() -> None:
         signal.signal(signum, raise_stop)
 
 
+class StopBetweenPolls:
+    """Holds Ctrl-C, SIGTERM and SIGHUP back until the local pool sleeps between polls, and raises Stop there.
+    Raised at any point, a KeyboardInterrupt can land inside `Popen.poll()` just after it took the Popen's
+    internal wait lock, leaving the lock held, so the `wait()` of the stop that follows blocks forever; or
+    between a fork and `Popen` returning, losing the child. A signal during the stop itself is only recorded."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self) -> "StopBetweenPolls":
+        self.pending: int | None = None
+        self.sleeping = False
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        STOP_SIGNALS.append(signum)
+        if self.sleeping:
+            raise Stop(signum)
+        self.pending = signum
+
+    def sleep(self, seconds: float) -> None:
+        if self.pending is not None:
+            raise Stop(self.pending)
+        self.sleeping = True
+        try:
+            time.sleep(seconds)
+        finally:
+            self.sleeping = False
+
+
 @dataclass
 class RunSpec:
     """What any machine needs to start or resume one run (no credentials: it may travel to Ray workers)."""

@@ -27,7 +27,6 @@ import os
 import re
 import signal
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
@@ -38,7 +37,8 @@ from shards.storage import write_local_atomic
 from train import report, tracking
 from train.config import (Config, ConfigError, check_keys, dict_valued, load_config, parse_overrides,
                           read_json_object)
-from train.launch import STOP_SIGNALS, Child, Events, RunSpec, last_line, stop, stop_on_signals
+from train.launch import (STOP_SIGNALS, Child, Events, RunSpec, StopBetweenPolls, last_line, stop,
+                          stop_on_signals)
 from train.sweep_ray import run_ray
 
 COMBOS = "combos"
@@ -298,23 +298,24 @@ def local_slots(devices: str | None, runs_per_device: int, gpus_per_run: int | N
 def run_local(specs: list[RunSpec], slots: list[Slot], events: Events, storage_options: dict | None) -> None:
     """A pool of `python -m train` subprocesses, one per free slot, in the specs' order."""
     queue, live = list(range(len(specs))), {}  # slot index -> (spec index, child)
-    try:
-        while queue or live:
-            for s, slot in enumerate(slots):
-                if s not in live and queue:
-                    i = queue.pop(0)
-                    live[s] = i, Child(specs[i], slot.threads, slot.gpus, storage_options)
-                    events.started(i, live[s][1].resumed_from)
-            for s, (i, child) in list(live.items()):
-                rc = child.poll()
-                if rc is not None:
-                    del live[s]
-                    events.finished(i, rc == 0, child.seconds())
-            time.sleep(POLL_S)
-    finally:
-        stop([child for _, child in live.values()])
-        for i, child in live.values():
-            events.stopped(i, child.seconds())
+    with StopBetweenPolls() as signals:
+        try:
+            while queue or live:
+                for s, slot in enumerate(slots):
+                    if s not in live and queue:
+                        i = queue.pop(0)
+                        live[s] = i, Child(specs[i], slot.threads, slot.gpus, storage_options)
+                        events.started(i, live[s][1].resumed_from)
+                for s, (i, child) in list(live.items()):
+                    rc = child.poll()
+                    if rc is not None:
+                        del live[s]
+                        events.finished(i, rc == 0, child.seconds())
+                signals.sleep(POLL_S)
+        finally:
+            stop([child for _, child in live.values()])
+            for i, child in live.values():
+                events.stopped(i, child.seconds())
 
 
 # -- the command line -----------------------------------------------------------------------------------------
