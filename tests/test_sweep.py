@@ -45,7 +45,9 @@ def sweep(*args: str, without_ray: bool = False) -> subprocess.Popen:
     """The sweep CLI in its own process group (session), as a terminal would run it; `without_ray`: any import
     of ray fails."""
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}  # runs on CPU
-    block = "import sys; sys.modules['ray'] = None; " if without_ray else "import sys; "
+    # Ctrl-C as in a terminal's foreground job (a job started in the background, as CI may run the tests, ignores it)
+    block = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    block += "sys.modules['ray'] = None; " if without_ray else ""
     main = [sys.executable, "-c", block + "from train.sweep import main; sys.exit(main(sys.argv[1:]))"]
     return subprocess.Popen([*main, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -396,13 +398,15 @@ def test_a_stop_signal_never_lands_inside_a_poll(tmp_path, monkeypatch):
 
     children, events = [], Record()
     monkeypatch.setattr(sweep_module, "Child", SleepChild)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
     try:
         with pytest.raises(KeyboardInterrupt):
             sweep_module.run_local([RunSpec(str(tmp_path / "r"), {}, str(tmp_path))], [sweep_module.Slot("", 1)],
                                    events, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual Ctrl-C again
     finally:
+        signal.signal(signal.SIGINT, before)
         STOP_SIGNALS.clear()
     (child,) = children
     assert child.polls == 1 and child.stopping and child.proc.returncode == -signal.SIGTERM
     assert events.events == [("started", 0), ("stopped", 0)]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual Ctrl-C again

@@ -69,7 +69,10 @@ class StopBetweenPolls:
     def __enter__(self) -> "StopBetweenPolls":
         self.pending: int | None = None
         self.sleeping = False
-        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+        for signum, handler in self.previous.items():
+            if handler is not signal.SIG_IGN:  # nohup and background jobs ignore some: keep that
+                signal.signal(signum, self.handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
