@@ -5,7 +5,9 @@
   (b) `python -m train.sweep --runs_per_device 2`: the local executor, two runs at a time, the cores split
       between them (target: <= 0.7 x (a));
   (c) `python -m train.sweep --executor ray`: the same through Ray Tune on a local Ray instance, one CPU per
-      trial, Ray's start included (target: <= 1.2 x (b)).
+      trial, Ray's start included (target: <= 1.2 x (b));
+  (d) the same with `--address` of a Ray instance already running (as on a cluster), whose start is timed once,
+      on its own: (c) less (d) is what starting Ray costs, (d) less (b) what Tune's trials cost.
 
 Run `python bench/sweep.py` (part of `make bench`). Timings on a shared 2-core machine vary by +-30 %: with
 --repeats N the three alternate N times and each figure is the median.
@@ -15,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,12 +36,26 @@ MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 2, "h_mult": 2, "drop_p": 0.0,
          "gen_val_samples": 16}
 
 
-def timed(argv: list[str]) -> float:
-    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+def timed(argv: list[str], **extra_env: str) -> float:
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **extra_env}
     t = time.perf_counter()
     subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     return time.perf_counter() - t
+
+
+def start_ray() -> tuple[str, Any, float]:
+    """A Ray instance of every core, started once, as a cluster that is already up; its files in a folder of its
+    own, so (c)'s local instances never find and join it."""
+    from ray.cluster_utils import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must stay under 108 bytes
+    os.environ["RAY_TMPDIR"] = tmp
+    t = time.perf_counter()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": os.cpu_count(), "include_dashboard": False})
+    seconds = time.perf_counter() - t
+    del os.environ["RAY_TMPDIR"]
+    return tmp, cluster, seconds
 
 
 def main() -> None:
@@ -60,7 +78,8 @@ def main() -> None:
         return path
 
     load = os.getloadavg()
-    times: dict[str, list[float]] = {"back to back": [], "sweep, local": [], "sweep, ray": []}
+    ray_tmp, cluster, ray_start = start_ray()
+    times: dict[str, list[float]] = {"back to back": [], "sweep, local": [], "sweep, ray": [], "sweep, ray up": []}
     for i in range(args.repeats):
         cfg = config(f"b2b{i}")
         times["back to back"].append(sum(timed(["-m", "train", cfg, "--blotch_p", str(p), "--seed", str(s)])
@@ -68,6 +87,8 @@ def main() -> None:
         local = ["-m", "train.sweep", config(f"local{i}"), ranges, "--runs_per_device", "2"]
         times["sweep, local"].append(timed(local))
         times["sweep, ray"].append(timed(["-m", "train.sweep", config(f"ray{i}"), ranges, "--executor", "ray"]))
+        times["sweep, ray up"].append(timed(["-m", "train.sweep", config(f"rayup{i}"), ranges, "--executor", "ray",
+                                             "--address", cluster.address], RAY_TMPDIR=ray_tmp))
         print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
     t = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n4 runs of {2 * args.steps} steps (d_model {MODEL['d_model']}, {MODEL['n_layers']} layers) on "
@@ -78,6 +99,11 @@ def main() -> None:
           f"{t['sweep, local'] / t['back to back']:.2f} x back to back (target <= 0.7)")
     print(f"  sweep, ray executor (local instance)    {t['sweep, ray']:6.1f} s   "
           f"{t['sweep, ray'] / t['sweep, local']:.2f} x the local executor (target <= 1.2)")
+    print(f"  sweep, ray executor (running instance)  {t['sweep, ray up']:6.1f} s   "
+          f"{t['sweep, ray up'] / t['sweep, local']:.2f} x the local executor (starting that instance took "
+          f"{ray_start:.1f} s)")
+    cluster.shutdown()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     print(f"(outputs in {tmp})")
 
 
