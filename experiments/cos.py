@@ -17,7 +17,6 @@ the same condition and depth are averaged.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -55,15 +54,11 @@ def experiment_folder(config: str) -> str:
     return os.path.join(ROOT, os.path.expanduser(cfg.get("save_root", "runs")), cfg.get("exp_name", "run"))
 
 
-def run_folders(exp: str) -> list[str]:
+def finished_runs(exp: str) -> list[dict[str, Any]]:
+    """The sweep's records of its finished runs: folder, values, and their own wall time (`seconds`), which a
+    rerun that reuses them does not see."""
     with open(os.path.join(exp, "sweep.json")) as f:
-        return [os.path.join(exp, r["folder"]) for r in json.load(f)["runs"] if r["status"] == "done"]
-
-
-def run_minutes(exp: str) -> float:
-    """The finished runs' own wall time, which a rerun that reuses them does not see."""
-    with open(os.path.join(exp, "sweep.json")) as f:
-        return sum(r["seconds"] or 0 for r in json.load(f)["runs"] if r["status"] == "done") / 60
+        return [r for r in json.load(f)["runs"] if r["status"] == "done"]
 
 
 def condition(cfg: dict[str, Any]) -> str:
@@ -79,28 +74,28 @@ def depth(cfg: dict[str, Any]) -> int:
     return hf.get("num_hidden_layers", hf.get("n_layer", 0))
 
 
-def evaluate(folder: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """The run's eval report for its latest checkpoint, computed unless it is there with these settings."""
+def evaluate(folder: str, args: argparse.Namespace, threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's config and its eval report for its latest checkpoint, computed unless it is there with these
+    settings."""
     with open(os.path.join(folder, "hyperparams.json")) as f:
         cfg = json.load(f)
-    reports = sorted(glob.glob(os.path.join(folder, "eval_val_step*.json")),
-                     key=lambda p: int(re.search(r"step(\d+)", p).group(1)))
     with open(os.path.join(folder, "latest")) as f:
         step = int(re.search(r"(\d+)", f.read()).group(1))
+    path = os.path.join(folder, f"eval_val_step{step}.json")
     want = {(t, cfg["blotch_tokens"]) for t in args.temperatures}
-    if reports and reports[-1].endswith(f"step{step}.json"):
-        with open(reports[-1]) as f:
+    if os.path.exists(path):
+        with open(path) as f:
             report = json.load(f)
         have = {(r["temperature"], r["blotch_level"] is not None) for r in report["results"]}
         if want <= have and report["gen_samples"] == args.gen_samples and report["seed"] == args.seed:
-            return report
+            return cfg, report
     cmd = [sys.executable, "-m", "train.eval", folder, "--temperature", *map(str, args.temperatures),
            "--gen_samples", str(args.gen_samples), "--seed", str(args.seed)]
     if cfg["blotch_tokens"]:
         cmd += ["--blotch_level", "all"]
     run(cmd, OMP_NUM_THREADS=str(threads))
-    with open(os.path.join(folder, f"eval_val_step{step}.json")) as f:
-        return json.load(f)
+    with open(path) as f:
+        return cfg, json.load(f)
 
 
 def rows_of(cfg: dict[str, Any], report: dict[str, Any]) -> dict[tuple[str, float | None], dict[float, dict]]:
@@ -225,21 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     run([sys.executable, "-m", "train.sweep", args.config, args.ranges, *args.sweep_args])
     times["train"] = time.perf_counter() - started - sum(times.values())
     exp = experiment_folder(args.config)
-    folders = run_folders(exp)
+    runs = finished_runs(exp)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ThreadPoolExecutor(args.jobs) as pool:
-        reports = list(pool.map(lambda f: evaluate(f, args, threads), folders))
+        evaluated = list(pool.map(lambda r: evaluate(os.path.join(exp, r["folder"]), args, threads), runs))
     times["evaluate"] = time.perf_counter() - started - sum(times.values())
-    configs = []
-    for f in folders:
-        with open(os.path.join(f, "hyperparams.json")) as fh:
-            configs.append(json.load(fh))
-    by_depth = aggregate(list(zip(configs, reports)))
+    by_depth = aggregate(evaluated)
     lines = [f"# Chain of Shortcuts at this scale ({os.path.relpath(args.config, ROOT)}, "
              f"{os.path.relpath(args.ranges, ROOT)})", "",
-             f"{len(folders)} runs; answer accuracy (%) on the first {args.gen_samples} val problems, sampling seed "
+             f"{len(runs)} runs; answer accuracy (%) on the first {args.gen_samples} val problems, sampling seed "
              f"{args.seed}; Len Diff % = generated solution tokens relative to the reference's. Training took "
-             f"{run_minutes(exp):.1f} min of run time (sweep.json); this command: "
+             f"{sum(r['seconds'] or 0 for r in runs) / 60:.1f} min of run time (sweep.json); this command: "
              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
              + " (finished runs and evaluations are reused)."]
     for d, rows in sorted(by_depth.items()):
