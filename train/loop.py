@@ -80,13 +80,15 @@ def train(cfg: Config, folder: str, resume: dict[str, Any] | None = None, source
     bar = tqdm(total=run.sched.total, initial=run.progress.step, unit="step", dynamic_ncols=True,
                disable=None if run.ctx.main else True)  # None: no bar when stderr is not a terminal (a sweep's run)
     last_val: dict[str, Any] = {}
-    while run.progress.epoch < run.cfg.n_epochs:
-        started = time.perf_counter()
-        train_epoch(run, bar)
-        bar.clear()
-        last_val = end_of_epoch(run, started)
-    bar.close()
-    run.log.close()
+    try:
+        while run.progress.epoch < run.cfg.n_epochs:
+            started = time.perf_counter()
+            train_epoch(run, bar)
+            bar.clear()
+            last_val = end_of_epoch(run, started)
+    finally:  # a run that diverges or is stopped still flushes its tracker (W&B finishes the run)
+        bar.close()
+        run.log.close()
     if run.ctx.main and last_val:
         summarize(run, last_val)
     ctx = run.ctx

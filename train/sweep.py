@@ -226,7 +226,6 @@ class Progress:
 
     def __init__(self, sweep: Sweep, runs: list[Run], todo: list[Run]):
         self.sweep, self.todo = sweep, todo
-        self.started_at: dict[int, float] = {}
         self.bar = tqdm(total=len(runs), initial=len(runs) - len(todo), unit="run", desc=os.path.basename(sweep.exp),
                         dynamic_ncols=True, file=sys.stderr, disable=None)  # None: no bar when not a terminal
 
