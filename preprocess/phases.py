@@ -229,7 +229,7 @@ def plan_shards(facts: list[UnitFacts], spec: Spec, max_docs: int | None) -> tup
     first = np.cumsum(counts) - counts  # global index of each unit's first document
     if max_docs is not None:
         counts = np.clip(max_docs - first, 0, counts)
-    idx = np.concatenate([first[u] + np.arange(n) for u, n in enumerate(counts)] or [np.empty(0, np.int64)])
+    idx = np.arange(int(counts.sum()))  # contiguous: max_docs only cuts the tail
     unit_of = np.repeat(np.arange(len(facts)), counts)
     lengths = np.concatenate([f.lengths[:n] for f, n in zip(facts, counts)] or [np.empty(0, np.int64)])
     if spec.kind == "text":
@@ -379,8 +379,7 @@ def write_shard(spec: Spec, task: ShardTask) -> tuple[ShardInfo, bool]:
     else:
         pieces = (unit_piece(spec, fs, span, code, task.state[0]) for span in task.units)
     for idx, result, labels in pieces:
-        everything = np.ones(len(idx), bool)
-        windows, extras, states, _ = assemble(assembler, spec.kind, idx, result, labels, everything, list(spec.columns))
+        windows, extras, states, _ = assemble(assembler, spec.kind, idx, result, labels, None, list(spec.columns))
         take = min(need, len(windows))
         writer.add(windows[:take], {c: v[:take] for c, v in extras.items()}, states[:take])
         need -= take

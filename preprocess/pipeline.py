@@ -144,16 +144,18 @@ def select_text(tokens: enc.TextTokens, keep: np.ndarray) -> enc.TextTokens:
 
 
 def assemble(assembler: Assembler, kind: str, doc_idx: np.ndarray, result: enc.TextTokens | enc.PairWindows,
-             labels: np.ndarray, keep: np.ndarray, columns: list[str]) -> tuple[np.ndarray, dict, np.ndarray, int]:
-    """Window the documents of an encoded chunk that `keep` selects (one split's): the windows, their extra
-    columns and resume states, and how many tokens those documents held."""
-    if kind == "text":
-        part = select_text(result, keep)
-    else:
-        part = enc.PairWindows(result.windows[keep], result.ok[keep], result.lengths[keep])
-    windows, states = assembler.add(doc_idx[keep], part)
-    extras = {c: labels[keep][part.ok] for c in columns} if kind != "text" else {}
-    return windows, extras, states, int(part.lengths.sum())
+             labels: np.ndarray, keep: np.ndarray | None, columns: list[str]) -> tuple[np.ndarray, dict, np.ndarray, int]:
+    """Window the documents of an encoded chunk that `keep` selects (one split's; None: all of them, without a
+    copy): the windows, their extra columns and resume states, and how many tokens those documents held."""
+    if keep is not None:
+        doc_idx = doc_idx[keep]
+        if kind == "text":
+            result = select_text(result, keep)
+        else:
+            result, labels = enc.PairWindows(result.windows[keep], result.ok[keep], result.lengths[keep]), labels[keep]
+    windows, states = assembler.add(doc_idx, result)
+    extras = {c: labels[result.ok] for c in columns} if kind != "text" else {}
+    return windows, extras, states, int(result.lengths.sum())
 
 
 def make_assembler(kind: str, pack: bool, cmp_len: int, seq_len: int, pad: int, state: list[int] | None) -> Assembler:
