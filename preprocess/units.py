@@ -26,7 +26,6 @@ import pyarrow as pa
 
 from preprocess.pipeline import SPLITS  # staged files store a split as its index here (-1: none)
 from preprocess.sources import Doc, InputFile, Reader, SourceError
-from shards.storage import first_line
 from shards import storage
 
 FILES, LINES, STAGED = "files", "lines", "staged"
@@ -62,7 +61,7 @@ def plan(files: Sequence[InputFile], reader: Reader, storage_options: dict | Non
         group, group_bytes = [], 0
 
     for f in files:
-        fs, path = fsspec.core.url_to_fs(f.url, **(storage_options or {}))
+        fs, path = storage.open_fs(f.url, storage_options)
         size = int(fs.info(path)["size"])  # after the glob that found the file, s3fs answers from its listing
         if splittable(reader, f.url) and size > unit_size:
             flush()
@@ -114,7 +113,7 @@ def _line_bytes(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: int,
 def _json_lines(unit: Unit, storage_options: dict | None, what: str) -> Iterator[dict]:
     import pyarrow.json as paj
 
-    fs, path = fsspec.core.url_to_fs(unit.urls[0], **(storage_options or {}))
+    fs, path = storage.open_fs(unit.urls[0], storage_options)
     data = _line_bytes(fs, path, unit.start, unit.stop, unit.size)
     if unit.start == 0 and data.startswith(codecs.BOM_UTF8):  # as the datasets json builder does
         data = data[len(codecs.BOM_UTF8) :]
@@ -123,7 +122,7 @@ def _json_lines(unit: Unit, storage_options: dict | None, what: str) -> Iterator
     try:  # one block, one thread: the task holds one CPU, and a block never splits a line
         table = paj.read_json(io.BytesIO(data), read_options=paj.ReadOptions(use_threads=False, block_size=len(data)))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise SourceError(f"cannot read {what} ({first_line(e)}); each line must be one JSON object") from None
+        raise SourceError(f"cannot read {what} ({storage.first_line(e)}); each line must be one JSON object") from None
     yield from table.to_pylist()
 
 
