@@ -21,14 +21,13 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from preprocess import encode as enc
 from preprocess.pipeline import (
-    CHUNK_DOCS, SPLITS, WORK_DIR, assemble, doc_chunk, make_assembler, pair_splits, select_text, split_codes,
+    CHUNK_DOCS, SPLITS, WORK_DIR, assemble, batched, doc_chunk, make_assembler, pair_splits, select_text, split_codes,
 )
 from preprocess.sources import Reader
 from preprocess.units import Unit, read
@@ -150,17 +149,6 @@ def encoder_for(spec: Spec) -> enc.Encoder:
     return encoder
 
 
-def _batches(items: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _concat(parts: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
     return np.concatenate(parts) if parts else empty
 
@@ -174,7 +162,7 @@ def tokenize_unit(spec: Spec, unit: Unit) -> UnitFacts:
         return UnitFacts(unit.index, **load_arrays(meta), skipped=True)
     encoder = encoder_for(spec)
     results, splits, labels = [], [], []
-    for docs in _batches(read(unit, spec.reader, spec.storage_options), CHUNK_DOCS[spec.kind]):
+    for docs in batched(read(unit, spec.reader, spec.storage_options), CHUNK_DOCS[spec.kind]):
         codes = pair_splits(docs) if spec.kind == "pair" else np.zeros(len(docs), np.int8)
         chunk = doc_chunk(docs, 0, codes)
         results.append(encoder.encode(spec.kind, chunk))

@@ -8,16 +8,17 @@ Memory is bounded: the source is streamed and at most a few chunks per worker ar
 """
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -36,6 +37,7 @@ PROGRESS_NAME = "_progress.json"
 WORK_DIR = "_work"  # --executor ray: its intermediate files, removed once the manifest is written
 CHUNK_DOCS = {"text": 256, "pair": 1024}
 UNIT_SIZE = 8 << 20  # --executor ray: input bytes per work unit (units.py)
+T = TypeVar("T")
 
 
 class ParamsMismatch(ValueError):
@@ -110,25 +112,20 @@ def doc_chunk(docs: list[Doc], first: int, split: np.ndarray) -> enc.Chunk:
     )
 
 
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of `size` consecutive items, the last one shorter (itertools.batched from Python 3.12)."""
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
 def chunks(job: Job) -> Iterator[enc.Chunk]:
-    size = CHUNK_DOCS[job.source.kind]
-    buf: list[Doc] = []
     start = 0
-
-    def make(docs: list[Doc], first: int) -> enc.Chunk:
-        idx = np.arange(first, first + len(docs), dtype=np.int64)
+    for docs in batched(itertools.islice(job.source, job.max_docs), CHUNK_DOCS[job.source.kind]):
+        idx = np.arange(start, start + len(docs), dtype=np.int64)
         codes = split_codes(idx, job.seed, job.val_frac) if job.source.kind == "text" else pair_splits(docs)
-        return doc_chunk(docs, first, codes)
-
-    for i, doc in enumerate(job.source):
-        if job.max_docs is not None and i >= job.max_docs:
-            break
-        buf.append(doc)
-        if len(buf) == size:
-            yield make(buf, start)
-            start, buf = start + size, []
-    if buf:
-        yield make(buf, start)
+        yield doc_chunk(docs, start, codes)
+        start += len(docs)
 
 
 def select(chunk: enc.Chunk, keep: np.ndarray) -> enc.Chunk:
@@ -144,7 +141,8 @@ def select_text(tokens: enc.TextTokens, keep: np.ndarray) -> enc.TextTokens:
 
 
 def assemble(assembler: Assembler, kind: str, doc_idx: np.ndarray, result: enc.TextTokens | enc.PairWindows,
-             labels: np.ndarray, keep: np.ndarray | None, columns: list[str]) -> tuple[np.ndarray, dict, np.ndarray, int]:
+             labels: np.ndarray, keep: np.ndarray | None, columns: list[str]
+             ) -> tuple[np.ndarray, dict, np.ndarray, int]:
     """Window the documents of an encoded chunk that `keep` selects (one split's; None: all of them, without a
     copy): the windows, their extra columns and resume states, and how many tokens those documents held."""
     if keep is not None:
